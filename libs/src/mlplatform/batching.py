@@ -1,0 +1,310 @@
+"""Dynamic batching: coalesce concurrent requests into one runtime call.
+
+One batching task per model. A request (`submit`) carries one or more rows; the
+first request of a batch waits at most `max_queue_delay` for others, or less when
+`max_batch_size` rows are queued. The queue is bounded (`QueueFullError`, i.e.
+RESOURCE_EXHAUSTED), requests whose deadline passed while queued are dropped
+before inference, and an error in one request fails only that request: when a
+batch fails, its requests are retried one by one so each gets its own answer.
+Inference runs on a thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlplatform import metrics
+from mlplatform.errors import (
+    DeadlineExpiredError,
+    InferenceError,
+    InvalidInputError,
+    ModelNotReadyError,
+    QueueFullError,
+    ServingError,
+)
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+InferFn = Callable[[Tensors], Mapping[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """When a request was queued, and when its batch's inference started and ended (ns, wall clock)."""
+
+    enqueued_ns: int
+    started_ns: int
+    finished_ns: int
+    batch_rows: int
+
+    @property
+    def queue_wait_s(self) -> float:
+        return (self.started_ns - self.enqueued_ns) / 1e9
+
+    @property
+    def inference_s(self) -> float:
+        return (self.finished_ns - self.started_ns) / 1e9
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's outputs, sliced out of its batch."""
+
+    outputs: Tensors
+    timing: BatchTiming
+
+
+@dataclass
+class _Request:
+    inputs: Tensors
+    rows: int
+    future: asyncio.Future[BatchResult]
+    enqueued: float  # loop.time()
+    enqueued_ns: int
+    deadline: float | None  # loop.time()
+
+
+@dataclass
+class BatcherStats:
+    """Counters for tests and debugging; the same figures go to Prometheus."""
+
+    batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    expired: int = 0
+    rejected: int = 0
+
+
+def concat_inputs(parts: list[Tensors]) -> Tensors:
+    """Concatenate each input along the batch axis."""
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+
+
+class DynamicBatcher:
+    """Queue, coalesce and run requests through `infer` in batches of at most `max_batch_size` rows."""
+
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        max_concurrent_batches: int = 1,
+        model: str = "model",
+        version: str = "1",
+        keep_batch_sizes: int = 10_000,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
+        self._arrived: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._max_concurrent = max_concurrent_batches
+        self._executor = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix=f"infer-{model}")
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._labels = {"model": model, "version": version}
+        self._keep = keep_batch_sizes
+        self.stats = BatcherStats()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (not yet in a batch)."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the batching task on the running loop."""
+        if self.running:
+            return
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._max_concurrent)
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self._labels['model']}")
+
+    async def stop(self) -> None:
+        """Stop batching: wait for batches in the runtime, fail requests still queued."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        while self._queue:
+            req = self._pop()
+            if not req.future.done():
+                req.future.set_exception(ModelNotReadyError("the model is shutting down"))
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, inputs: Tensors, *, timeout_s: float | None = None) -> BatchResult:
+        """Queue one request of N rows; return its outputs when its batch has run.
+
+        `timeout_s` is the time the caller has left (e.g. the gRPC deadline); a request
+        still queued when it runs out is dropped with DeadlineExpiredError.
+        """
+        if not self.running or self._arrived is None:
+            raise ModelNotReadyError("the batcher is not running")
+        rows = _rows_of(inputs)
+        if rows > self.max_batch_size:
+            raise InvalidInputError(f"request has {rows} rows; at most {self.max_batch_size} per request")
+        if len(self._queue) >= self.max_queue_size:
+            self.stats.rejected += 1
+            metrics.REJECTED.labels(**self._labels, reason="queue_full").inc()
+            raise QueueFullError(f"queue is full ({self.max_queue_size} requests waiting); retry later")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        req = _Request(
+            inputs=inputs, rows=rows, future=loop.create_future(), enqueued=now, enqueued_ns=time.time_ns(),
+            deadline=None if timeout_s is None else now + timeout_s,
+        )
+        self._queue.append(req)
+        self._queued_rows += rows
+        metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+        self._arrived.set()
+        return await req.future
+
+    # -- batching task ---------------------------------------------------------------
+
+    def _pop(self) -> _Request:
+        req = self._queue.popleft()
+        self._queued_rows -= req.rows
+        return req
+
+    async def _loop(self) -> None:
+        assert self._arrived is not None and self._slots is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            close_at = self._queue[0].enqueued + self.max_queue_delay_s
+            while self._queued_rows < self.max_batch_size:
+                remaining = close_at - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            await self._slots.acquire()
+            batch = self._take(loop.time())
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take(self, now: float) -> list[_Request]:
+        """Pop requests up to max_batch_size rows, dropping expired and cancelled ones."""
+        batch: list[_Request] = []
+        rows = 0
+        while self._queue:
+            req = self._queue[0]
+            if req.future.done():  # the caller went away (cancelled)
+                self._pop()
+                continue
+            if req.deadline is not None and req.deadline <= now:
+                self._pop()
+                self.stats.expired += 1
+                metrics.REJECTED.labels(**self._labels, reason="deadline").inc()
+                req.future.set_exception(DeadlineExpiredError("deadline passed while the request was queued"))
+                continue
+            if rows + req.rows > self.max_batch_size:
+                break
+            batch.append(self._pop())
+            rows += req.rows
+        metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+        return batch
+
+    async def _execute(self, batch: list[_Request]) -> None:
+        assert self._slots is not None
+        loop = asyncio.get_running_loop()
+        rows = sum(r.rows for r in batch)
+        started_ns = time.time_ns()
+        now = loop.time()
+        for req in batch:
+            metrics.QUEUE_WAIT.labels(**self._labels).observe(now - req.enqueued)
+        self.stats.batches += 1
+        if len(self.stats.batch_sizes) < self._keep:
+            self.stats.batch_sizes.append(rows)
+        metrics.BATCH_SIZE.labels(**self._labels).observe(rows)
+        try:
+            inputs = batch[0].inputs if len(batch) == 1 else concat_inputs([r.inputs for r in batch])
+            outputs = await loop.run_in_executor(self._executor, self._run_checked, inputs, rows)
+        except Exception as exc:  # isolate the bad request(s): run each on its own
+            if len(batch) > 1:
+                log.warning("batch of %d requests failed (%s); retrying them one by one", len(batch), exc)
+                await self._execute_singly(batch, started_ns)
+            else:
+                _fail(batch[0], exc)
+            self._slots.release()
+            return
+        finished_ns = time.time_ns()
+        self._slots.release()
+        metrics.INFERENCE_TIME.labels(**self._labels).observe((finished_ns - started_ns) / 1e9)
+        offset = 0
+        for req in batch:
+            part = {k: v[offset:offset + req.rows] for k, v in outputs.items()}
+            offset += req.rows
+            if not req.future.done():
+                req.future.set_result(BatchResult(part, BatchTiming(req.enqueued_ns, started_ns, finished_ns, rows)))
+
+    async def _execute_singly(self, batch: list[_Request], started_ns: int) -> None:
+        loop = asyncio.get_running_loop()
+        for req in batch:
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run_checked, req.inputs, req.rows)
+            except Exception as exc:
+                _fail(req, exc)
+                continue
+            if not req.future.done():
+                timing = BatchTiming(req.enqueued_ns, started_ns, time.time_ns(), req.rows)
+                req.future.set_result(BatchResult(outputs, timing))
+
+    def _run_checked(self, inputs: Tensors, rows: int) -> Tensors:
+        outputs = dict(self._infer(inputs))
+        for name, value in outputs.items():
+            if value.shape[:1] != (rows,):
+                raise InferenceError(f"runtime returned output {name!r} with shape {value.shape} for {rows} rows")
+        return outputs
+
+
+def _rows_of(inputs: Mapping[str, np.ndarray]) -> int:
+    if not inputs:
+        raise InvalidInputError("request has no input tensors")
+    sizes = {name: (v.shape[0] if v.ndim else -1) for name, v in inputs.items()}
+    distinct = set(sizes.values())
+    if len(distinct) != 1 or -1 in distinct:
+        raise InvalidInputError(f"inputs disagree on the batch dimension: {sizes}")
+    rows = distinct.pop()
+    if rows < 1:
+        raise InvalidInputError("request has 0 rows")
+    return rows
+
+
+def _fail(req: _Request, exc: BaseException) -> None:
+    if req.future.done():
+        return
+    if isinstance(exc, ServingError):
+        req.future.set_exception(exc)
+    else:
+        req.future.set_exception(InferenceError(f"inference failed: {type(exc).__name__}: {exc}"))

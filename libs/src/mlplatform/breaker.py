@@ -1,0 +1,67 @@
+"""Circuit breakers (pybreaker) for awaited calls, with their state as a metric.
+
+pybreaker's `call_async` needs Tornado; its `calling()` context manager works
+around an awaited call, which is what `Breaker.call` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import pybreaker
+
+from mlplatform import metrics
+
+T = TypeVar("T")
+
+
+class BreakerOpenError(Exception):
+    """The breaker is open: the protected call was not attempted."""
+
+
+class _StateMetric(pybreaker.CircuitBreakerListener):
+    def __init__(self, name: str) -> None:
+        self._gauge = metrics.BREAKER_STATE.labels(breaker=name)
+        self._gauge.set(0)
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state, new_state) -> None:
+        self._gauge.set(metrics.BREAKER_STATE_VALUES.get(new_state.name, 0))
+
+
+class Breaker:
+    """Opens after `fail_max` consecutive failures; after `reset_timeout_s` lets one trial call through.
+
+    Exceptions of the `exclude` types are the caller's fault (bad input, queue full)
+    and do not count as failures.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fail_max: int = 5,
+        reset_timeout_s: float = 10.0,
+        exclude: Iterable[type[BaseException]] = (),
+    ) -> None:
+        self.name = name
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout_s,
+            exclude=list(exclude),
+            listeners=[_StateMetric(name)],
+            name=name,
+        )
+
+    @property
+    def state(self) -> str:
+        """`closed`, `open` or `half-open`."""
+        return self._cb.current_state
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Await `fn()` under the breaker; raise BreakerOpenError instead of calling when open."""
+        try:
+            with self._cb.calling():
+                return await fn()
+        except pybreaker.CircuitBreakerError as exc:
+            raise BreakerOpenError(f"circuit breaker {self.name!r} is open") from exc

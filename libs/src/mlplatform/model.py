@@ -1,0 +1,176 @@
+"""The model abstraction: load -> warm-up -> batched predict -> unload, with tensor metadata.
+
+A service subclasses `Model` (or `OnnxModel`) and adds what is specific to its
+model: per-row validation and an optional fallback. Both the typed API and the
+Open Inference Protocol servicer use `metadata` and the same predict path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from mlplatform import metrics
+from mlplatform.errors import InvalidInputError
+from mlplatform.repository import ModelConfig, ModelVersion
+from mlplatform.runtimes.onnx import OnnxRuntimeSession
+from mlplatform.tensors import TensorSpec, shape_matches, shape_str
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, np.ndarray]
+
+
+class Model(ABC):
+    """A loaded model version. `infer` is blocking and batched; callers run it off the event loop."""
+
+    def __init__(self, version: ModelVersion) -> None:
+        self.model_version = version
+        self.config: ModelConfig = version.config
+        self.name = self.config.name
+        self.version = str(self.config.version)
+        self.ready = False
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.config.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self.config.outputs
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.config.batching.max_batch_size
+
+    @property
+    def device(self) -> str:
+        """Where inference runs (`cpu` or `gpu`)."""
+        return "cpu"
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Load the artifact (blocking)."""
+
+    @abstractmethod
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        """Run one batch (blocking); outputs keep the batch dimension first."""
+
+    def validate_rows(self, inputs: Mapping[str, np.ndarray]) -> list[str | None]:
+        """Per-row problems (None for a good row); override for model-specific checks."""
+        return [None] * next(iter(inputs.values())).shape[0]
+
+    def fallback(self, inputs: Mapping[str, np.ndarray]) -> Tensors | None:
+        """Outputs to answer with when the model fails or its breaker is open; None: no fallback."""
+        return None
+
+    def warmup_inputs(self, batch_size: int) -> Tensors:
+        """Inputs for a warm-up batch: zeros of each input's shape. Override for realistic data."""
+        out: Tensors = {}
+        for spec in self.inputs:
+            dims = [batch_size, *(d if d > 0 else 1 for d in spec.shape[1:])]
+            out[spec.name] = np.zeros(dims, dtype=spec.numpy_dtype)
+        return out
+
+    async def load(self) -> None:
+        """Load off the event loop."""
+        await asyncio.to_thread(self._load)
+        log.info("loaded %s v%s from %s", self.name, self.version, self.model_version.artifact_path)
+
+    async def warmup(self, iterations: int | None = None) -> None:
+        """Run warm-up batches of each configured size; the model is ready only when they succeed."""
+        n = iterations or self.config.warmup.iterations
+        for batch_size in self.config.warmup.batch_sizes:
+            inputs = self.warmup_inputs(batch_size)
+            for _ in range(n):
+                outputs = await asyncio.to_thread(self.infer, inputs)
+                self.check_outputs(outputs, batch_size)
+        self.ready = True
+        metrics.MODEL_READY.labels(model=self.name, version=self.version).set(1)
+        log.info("warmed up %s v%s: batch sizes %s x %d", self.name, self.version,
+                 self.config.warmup.batch_sizes, n)
+
+    async def unload(self) -> None:
+        """Release the runtime."""
+        self.ready = False
+        metrics.MODEL_READY.labels(model=self.name, version=self.version).set(0)
+
+    def check_outputs(self, outputs: Mapping[str, np.ndarray], rows: int) -> None:
+        """Raise when the runtime's outputs do not match the declared ones."""
+        for spec in self.outputs:
+            if spec.name not in outputs:
+                raise RuntimeError(f"model produced no output {spec.name!r}")
+            actual = outputs[spec.name].shape
+            if not shape_matches(actual, spec.shape) or actual[0] != rows:
+                raise RuntimeError(f"output {spec.name!r} has shape {actual}, expected {shape_str(spec.shape)}")
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """Check names, dtypes and shapes against the metadata; return the row count."""
+        expected = {s.name for s in self.inputs}
+        missing = expected - inputs.keys()
+        extra = inputs.keys() - expected
+        if missing:
+            raise InvalidInputError(f"missing input tensor(s) {sorted(missing)}; expected {sorted(expected)}")
+        if extra:
+            raise InvalidInputError(f"unknown input tensor(s) {sorted(extra)}; expected {sorted(expected)}")
+        rows = None
+        for spec in self.inputs:
+            arr = inputs[spec.name]
+            if arr.dtype != spec.numpy_dtype:
+                raise InvalidInputError(f"input {spec.name!r}: datatype must be {spec.datatype}")
+            if not shape_matches(arr.shape, spec.shape):
+                raise InvalidInputError(
+                    f"input {spec.name!r}: shape {list(arr.shape)} does not match {shape_str(spec.shape)}"
+                )
+            if rows is not None and arr.shape[0] != rows:
+                raise InvalidInputError(f"input {spec.name!r}: batch size {arr.shape[0]} differs from {rows}")
+            rows = arr.shape[0]
+        assert rows is not None
+        if rows == 0:
+            raise InvalidInputError("empty batch: at least one row is required")
+        if rows > self.max_batch_size:
+            raise InvalidInputError(f"batch of {rows} rows is over the limit of {self.max_batch_size}")
+        return rows
+
+
+class OnnxModel(Model):
+    """A model served by ONNX Runtime, configured from the version's config."""
+
+    session: OnnxRuntimeSession
+
+    def _load(self) -> None:
+        rt = self.config.runtime
+        self.session = OnnxRuntimeSession(
+            self.model_version.artifact_path,
+            intra_op_threads=rt.intra_op_threads,
+            inter_op_threads=rt.inter_op_threads,
+            providers=rt.providers,
+            provider_options=rt.options.get("provider_options"),
+        )
+        declared_in = [s.name for s in self.inputs]
+        if sorted(self.session.input_names) != sorted(declared_in):
+            raise ValueError(f"{self.name} v{self.version}: artifact inputs {self.session.input_names} "
+                             f"differ from config inputs {declared_in}")
+        missing = {s.name for s in self.outputs} - set(self.session.output_names)
+        if missing:
+            raise ValueError(f"{self.name} v{self.version}: artifact lacks outputs {sorted(missing)}")
+
+    @property
+    def device(self) -> str:
+        return self.session.device
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session actually got."""
+        return self.session.providers
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        return self.session.run(inputs)
+
+    async def unload(self) -> None:
+        await super().unload()
+        self.__dict__.pop("session", None)

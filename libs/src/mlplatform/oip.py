@@ -1,0 +1,238 @@
+"""Open Inference Protocol (KServe v2) gRPC servicer, with Triton's ModelStreamInfer and ModelConfig.
+
+A thin transport layer: decode tensors, check them against the model's metadata,
+hand them to the same `Predictor` the typed API uses, encode the outputs. Outputs
+are returned as `raw_output_contents` (what tritonclient and perf_analyzer read).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+import numpy as np
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc as pb_grpc
+from inference import model_config_pb2 as mc
+
+from mlplatform import __version__
+from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_with
+from mlplatform.interceptors import set_request_model
+from mlplatform.pipeline import Predictor
+from mlplatform.streaming import ordered_concurrent
+from mlplatform.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
+
+Context = grpc.aio.ServicerContext
+
+SERVER_NAME = "mlplatform"
+EXTENSIONS = ["model_configuration", "streaming", "parameters"]
+
+# InferTensorContents field per OIP datatype (FP16/BF16 only travel as raw bytes).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
+    """Turn one OIP input tensor (typed contents or raw bytes) into a numpy array."""
+    name, datatype = tensor.name, tensor.datatype
+    if datatype not in OIP_TO_NUMPY:
+        raise InvalidInputError(f"input {name!r}: unknown datatype {datatype!r}")
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64))
+    dtype = OIP_TO_NUMPY[datatype]
+    if raw is not None:
+        if datatype == "BYTES":
+            return _decode_raw_bytes(name, raw, count).reshape(shape)
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInputError(f"input {name!r}: {len(raw)} raw bytes, expected {count * dtype.itemsize} "
+                                    f"for shape {list(shape)} {datatype}")
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise InvalidInputError(f"input {name!r}: datatype {datatype} must be sent as raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidInputError(f"input {name!r}: {len(values)} values in contents, shape {list(shape)} needs {count}")
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def _decode_raw_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
+    """BYTES elements in raw form: each a 4-byte little-endian length, then the bytes."""
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(raw):
+            raise InvalidInputError(f"input {name!r}: raw BYTES data ends before element {i}")
+        (n,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + n > len(raw):
+            raise InvalidInputError(f"input {name!r}: raw BYTES element {i} is truncated")
+        out[i] = raw[offset:offset + n]
+        offset += n
+    if offset != len(raw):
+        raise InvalidInputError(f"input {name!r}: {len(raw) - offset} trailing bytes after {count} BYTES elements")
+    return out
+
+
+def encode_tensor(arr: np.ndarray) -> bytes:
+    """Raw little-endian bytes of a numeric array (OIP raw_output_contents)."""
+    if arr.dtype == np.object_:
+        return b"".join(struct.pack("<I", len(b)) + b for b in (_as_bytes(x) for x in arr.ravel()))
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+def _as_bytes(x: object) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode()
+
+
+def oip_datatype(arr: np.ndarray) -> str:
+    """The OIP datatype name of a numpy array."""
+    return "BYTES" if arr.dtype == np.object_ else NUMPY_TO_OIP[arr.dtype]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Serves the models of this process over the Open Inference Protocol."""
+
+    def __init__(self, predictors: Mapping[str, Predictor], *, max_stream_in_flight: int = 64) -> None:
+        self.predictors = dict(predictors)
+        self.max_stream_in_flight = max_stream_in_flight
+
+    def _resolve(self, name: str, version: str) -> Predictor:
+        predictor = self.predictors.get(name)
+        if predictor is None:
+            raise NotFoundError(f"unknown model {name!r}; served: {sorted(self.predictors)}")
+        if version not in ("", "0", predictor.model.version):
+            raise NotFoundError(f"model {name!r} has no version {version!r} served; "
+                                f"served version: {predictor.model.version}")
+        return predictor
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=all(p.model.ready for p in self.predictors.values()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        try:
+            return pb.ModelReadyResponse(ready=self._resolve(request.name, request.version).model.ready)
+        except ServingError as err:
+            await abort_with(context, err)
+            raise
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            model = self._resolve(request.name, request.version).model
+        except ServingError as err:
+            await abort_with(context, err)
+            raise
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[model.version],
+            platform=model.config.platform,
+            inputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
+            outputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        try:
+            model = self._resolve(request.name, request.version).model
+        except ServingError as err:
+            await abort_with(context, err)
+            raise
+        cfg = model.config
+        batching = cfg.batching
+        return pb.ModelConfigResponse(config=mc.ModelConfig(
+            name=model.name,
+            platform=cfg.platform,
+            max_batch_size=batching.max_batch_size,
+            input=[mc.ModelInput(name=s.name, data_type=mc.DataType.Value(f"TYPE_{_cfg_type(s.datatype)}"),
+                                 dims=s.shape[1:]) for s in cfg.inputs],
+            output=[mc.ModelOutput(name=s.name, data_type=mc.DataType.Value(f"TYPE_{_cfg_type(s.datatype)}"),
+                                   dims=s.shape[1:]) for s in cfg.outputs],
+            dynamic_batching=mc.ModelDynamicBatching(
+                preferred_batch_size=batching.preferred_batch_sizes,
+                max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
+            ),
+            instance_group=[mc.ModelInstanceGroup(
+                kind=mc.ModelInstanceGroup.KIND_GPU if model.device == "gpu" else mc.ModelInstanceGroup.KIND_CPU,
+                count=batching.max_concurrent_batches,
+            )],
+            default_model_filename=cfg.artifact,
+        ))
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        try:
+            return await self._infer(request, context.time_remaining())
+        except ServingError as err:
+            await abort_with(context, err)
+            raise
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async def handle(index: int, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context.time_remaining()))
+            except ServingError as err:
+                return pb.ModelStreamInferResponse(error_message=f"{err.code.name}: {err.message}",
+                                                   infer_response=pb.ModelInferResponse(id=request.id))
+
+        async for response in ordered_concurrent(requests, handle, max_in_flight=self.max_stream_in_flight):
+            yield response
+
+    async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
+        predictor = self._resolve(request.model_name, request.model_version)
+        model = predictor.model
+        set_request_model(model.name, model.version)
+        if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInputError(f"{len(request.raw_input_contents)} raw_input_contents for "
+                                    f"{len(request.inputs)} inputs")
+        inputs: dict[str, np.ndarray] = {}
+        for i, tensor in enumerate(request.inputs):
+            if tensor.name in inputs:
+                raise InvalidInputError(f"input {tensor.name!r} is given twice")
+            raw = request.raw_input_contents[i] if request.raw_input_contents else None
+            inputs[tensor.name] = decode_tensor(tensor, raw)
+        model.check_inputs(inputs)
+        problems = [(i, p) for i, p in enumerate(model.validate_rows(inputs)) if p]
+        if problems:
+            shown = "; ".join(f"row {i}: {p}" for i, p in problems[:5])
+            more = f" (and {len(problems) - 5} more rows)" if len(problems) > 5 else ""
+            raise InvalidInputError(f"invalid input: {shown}{more}")
+        wanted = [o.name for o in request.outputs] or [s.name for s in model.outputs]
+        known = {s.name for s in model.outputs}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise InvalidInputError(f"unknown requested output(s) {unknown}; model outputs: {sorted(known)}")
+        prediction = await predictor.predict(inputs, timeout_s=timeout_s)
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        response.parameters["cached_rows"].int64_param = int(prediction.cached.sum())
+        response.parameters["fallback_rows"].int64_param = int(prediction.fallback.sum())
+        for name in wanted:
+            arr = prediction.outputs[name]
+            response.outputs.add(name=name, datatype=oip_datatype(arr), shape=arr.shape)
+            response.raw_output_contents.append(encode_tensor(arr))
+        return response
+
+
+def _cfg_type(datatype: str) -> str:
+    """OIP datatype -> Triton config DataType suffix (BYTES is TYPE_STRING there)."""
+    return "STRING" if datatype == "BYTES" else datatype

@@ -1,0 +1,216 @@
+"""Server bootstrap shared by every model service.
+
+Lifecycle: listen (health NOT_SERVING) -> load -> warm-up -> start the batcher ->
+SERVING. On SIGTERM/SIGINT: health NOT_SERVING, optional drain delay so load
+balancers notice, then stop accepting calls and let in-flight ones finish within
+the grace period, then stop the batcher and unload.
+
+A service provides its settings class, a model factory and a function that adds
+its typed servicer; this module adds health, reflection, the Open Inference
+Protocol servicer, metrics and tracing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mlplatform import metrics, tracing
+from mlplatform.batching import DynamicBatcher
+from mlplatform.breaker import Breaker
+from mlplatform.cache import LRUCache, PredictionCache, RedisCache
+from mlplatform.interceptors import MetricsInterceptor
+from mlplatform.model import Model
+from mlplatform.pipeline import NOT_MODEL_FAILURES, Predictor
+from mlplatform.repository import ModelRepository, ModelVersion
+from mlplatform.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+ModelFactory = Callable[[ModelVersion], Model]
+
+
+@dataclass
+class ServiceSpec:
+    """What a service plugs into the shared server."""
+
+    name: str
+    """Service name for logs and traces, e.g. `fraud`."""
+    default_model: str
+    """Model name served unless settings say otherwise."""
+    model_factory: ModelFactory
+    """Builds the (unloaded) model for a resolved version."""
+    add_servicer: Callable[[grpc.aio.Server, Predictor, ServiceSettings], None]
+    """Adds the typed servicer to the server."""
+    grpc_service_names: tuple[str, ...]
+    """Fully-qualified typed service names, for health and reflection."""
+
+
+def build_cache(settings: ServiceSettings) -> PredictionCache | None:
+    """Redis when `REDIS_URL` is set, an in-process LRU otherwise, None when the cache is disabled."""
+    if not settings.cache_enabled:
+        return None
+    if settings.redis_url:
+        breaker = Breaker("redis", fail_max=settings.breaker_fail_max, reset_timeout_s=settings.breaker_reset_s)
+        return RedisCache(settings.redis_url, ttl_s=settings.cache_ttl_s,
+                          timeout_s=settings.redis_timeout_ms / 1000, breaker=breaker)
+    return LRUCache(settings.cache_max_entries, settings.cache_ttl_s)
+
+
+class ModelServer:
+    """One model behind a grpc.aio server with health, reflection, OIP, metrics and tracing."""
+
+    def __init__(self, spec: ServiceSpec, settings: ServiceSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        model_name = settings.model_name or spec.default_model
+        version = ModelRepository(settings.model_repository).resolve(model_name, settings.model_version)
+        self.model = spec.model_factory(version)
+        cfg = self.model.config.batching
+        self.batcher = DynamicBatcher(
+            self.model.infer,
+            max_batch_size=cfg.max_batch_size,
+            max_queue_delay_s=cfg.max_queue_delay_ms / 1000,
+            max_queue_size=cfg.max_queue_size,
+            max_concurrent_batches=cfg.max_concurrent_batches,
+            model=self.model.name,
+            version=self.model.version,
+        )
+        self.cache = build_cache(settings)
+        self.breaker = Breaker(f"model-{self.model.name}", fail_max=settings.breaker_fail_max,
+                               reset_timeout_s=settings.breaker_reset_s, exclude=NOT_MODEL_FAILURES)
+        self.predictor = Predictor(self.model, self.batcher, breaker=self.breaker, cache=self.cache)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._stopping = asyncio.Event()
+
+    @property
+    def health_names(self) -> tuple[str, ...]:
+        return ("", *self.spec.grpc_service_names, "inference.GRPCInferenceService")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in self.health_names:
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Listen (NOT_SERVING), then load and warm up the model, then report SERVING. Returns the port."""
+        from inference import grpc_service_pb2_grpc
+
+        from mlplatform.oip import InferenceServicer
+
+        s = self.settings
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.model.name, self.model.version)]
+        if tracing.setup_tracing(self.spec.name, s.otel_exporter_otlp_endpoint):
+            interceptors.insert(0, tracing.server_interceptor())
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.spec.add_servicer(self.server, self.predictor, s)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer({self.model.name: self.predictor}, max_stream_in_flight=s.max_stream_in_flight),
+            self.server,
+        )
+        reflection.enable_server_reflection(
+            (*self.spec.grpc_service_names, "inference.GRPCInferenceService", reflection.SERVICE_NAME,
+             health.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {s.host}:{s.grpc_port}")
+        await self.server.start()
+        self.metrics_port = metrics.start_metrics_server(s.metrics_port, s.host)
+        log.info("%s: gRPC listening on %s:%d (NOT_SERVING until warm-up), cache=%s", self.spec.name, s.host,
+                 self.port, self.cache.backend if self.cache is not None else "off")
+        await self.model.load()
+        await self.model.warmup(s.warmup_iterations)
+        await self.batcher.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s: serving %s v%s on %s (SERVING)", self.spec.name, self.model.name, self.model.version,
+                 self.model.device)
+        return self.port
+
+    def request_stop(self) -> None:
+        """Ask the server to shut down gracefully (signal handler)."""
+        self._stopping.set()
+
+    async def wait_and_stop(self) -> None:
+        """Block until `request_stop`, then shut down gracefully."""
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, drain in-flight requests within the grace period, release everything."""
+        s = self.settings
+        log.info("%s: shutting down: NOT_SERVING, draining for up to %.1fs", self.spec.name, s.grace_period_s)
+        await self.health.enter_graceful_shutdown()
+        if s.drain_delay_s > 0:
+            await asyncio.sleep(s.drain_delay_s)
+        if self.server is not None:
+            await self.server.stop(s.grace_period_s)
+        await self.batcher.stop()
+        await self.model.unload()
+        if self.cache is not None:
+            await self.cache.close()
+        tracing.shutdown_tracing()
+        log.info("%s: stopped", self.spec.name)
+
+
+def configure_logging(level: str) -> None:
+    """Plain, timestamped log lines on stderr."""
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
+    """Run a model server until SIGTERM or SIGINT, then shut down gracefully."""
+    server = ModelServer(spec, settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    start = asyncio.create_task(server.start())
+    stop = asyncio.create_task(server._stopping.wait())
+    done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done and start.exception() is not None:
+        stop.cancel()
+        await server.stop()
+        raise start.exception()  # type: ignore[misc]
+    await server.wait_and_stop()
+    if not start.done():
+        start.cancel()
+
+
+def main(spec: ServiceSpec, settings_cls: type[ServiceSettings]) -> int:
+    """Entry point for `python -m <service>`: settings, logging, serve; exit code 2 on bad settings."""
+    from mlplatform.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(settings_cls)
+    except SettingsError as exc:
+        print(f"{spec.name}: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(spec, settings))
+    except Exception as exc:
+        log.error("%s: failed: %s", spec.name, exc, exc_info=settings.log_level == "DEBUG")
+        return 1
+    return 0

@@ -1,0 +1,96 @@
+"""Service settings from the environment (pydantic-settings).
+
+Each service subclasses `ServiceSettings` with its own env prefix (`FRAUD_`, ...).
+Settings shared by the libs keep their conventional, unprefixed names
+(`REDIS_URL`, `OTEL_EXPORTER_OTLP_ENDPOINT`). `load_settings` turns a validation
+failure into one `SettingsError` line per bad field, so a bad setting stops the
+service at start-up with a message naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self, TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every model service has. Subclasses set `model_config['env_prefix']`."""
+
+    model_config = SettingsConfigDict(
+        extra="ignore", validate_default=True, use_attribute_docstrings=True, protected_namespaces=()
+    )
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds to (`0.0.0.0` in containers)."""
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    """gRPC port (0 picks a free one; the bound port is logged)."""
+    metrics_port: int = Field(9101, ge=0, le=65535)
+    """Port of the Prometheus `/metrics` HTTP endpoint (0 disables it)."""
+    model_repository: Path = Path("model_repository")
+    """Root of the model repository: `<root>/<model>/<version>/config.json`."""
+    model_name: str = ""
+    """Model served; defaults to the service's model name."""
+    model_version: int | None = Field(None, ge=1)
+    """Pin a version; by default the newest version in the repository is served."""
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Maximum gRPC message size, received and sent (gRPC's default is 4 MiB)."""
+    grace_period_s: float = Field(10.0, ge=0)
+    """On SIGTERM/SIGINT, in-flight requests get this long to finish."""
+    drain_delay_s: float = Field(0.0, ge=0)
+    """On SIGTERM, keep serving this long after health turns NOT_SERVING (load balancers notice)."""
+    max_concurrent_rpcs: int | None = Field(None, ge=1)
+    """Cap on concurrent RPCs; beyond it new calls get RESOURCE_EXHAUSTED."""
+    max_stream_in_flight: int = Field(64, ge=1)
+    """Messages of one bidi stream scored concurrently before reading pauses."""
+    cache_ttl_s: int = Field(3600, ge=1)
+    """Time to live of a cached prediction."""
+    cache_max_entries: int = Field(100_000, ge=1)
+    """Size of the in-process LRU cache used when no Redis is configured."""
+    cache_enabled: bool = True
+    """Turn the prediction cache off entirely."""
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("REDIS_URL", "redis_url"))
+    """Redis for the prediction cache (shared setting `REDIS_URL`); unset: in-process LRU."""
+    redis_timeout_ms: float = Field(50.0, gt=0)
+    """Socket timeout of a cache call; a slower Redis counts as a failure."""
+    breaker_fail_max: int = Field(5, ge=1)
+    """Consecutive failures that open a circuit breaker."""
+    breaker_reset_s: float = Field(10.0, gt=0)
+    """How long a breaker stays open before letting one trial call through."""
+    warmup_iterations: int | None = Field(None, ge=1)
+    """Override the model config's warm-up iteration count."""
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_exporter_otlp_endpoint")
+    )
+    """OTLP/gRPC collector for traces (shared setting); unset: tracing is a no-op."""
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    """Python log level."""
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Self:
+        if self.grpc_port and self.grpc_port == self.metrics_port:
+            raise ValueError(f"grpc_port and metrics_port are both {self.grpc_port}")
+        return self
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load_settings(cls: type[S], **overrides: object) -> S:
+    """Build settings from the environment; raise `SettingsError` naming each bad field."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = f"{prefix}{field}".upper() if field != "settings" else "settings"
+            lines.append(f"{env}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid settings: " + "; ".join(lines)) from None
