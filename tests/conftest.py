@@ -1,0 +1,70 @@
+"""Shared fixtures: the real model repository, a real Redis, real fraud service processes.
+
+Never import the generated `inference` stubs (or mlplatform.oip / mlplatform.server)
+in the test process: tritonclient registers the same Open Inference Protocol symbols
+and protobuf refuses duplicates. Services run as subprocesses, so tests talk to them
+over the wire like any client.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support.procs import ROOT, RedisServer, ServiceProcess
+
+MODEL_REPOSITORY = Path(os.environ.get("TEST_MODEL_REPOSITORY", ROOT / "model_repository"))
+
+
+@pytest.fixture(scope="session")
+def model_repository() -> Path:
+    """The project's model repository, built (deterministically) if missing."""
+    from fraud_service.build_model import build
+
+    build(MODEL_REPOSITORY, version=1)
+    return MODEL_REPOSITORY
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def fraud_service(model_repository: Path, redis_server: RedisServer) -> Iterator[ServiceProcess]:
+    """A fraud service with the Redis cache, shared by tests that do not stop it."""
+    svc = ServiceProcess("fraud_service", "FRAUD_", env={
+        "FRAUD_MODEL_REPOSITORY": str(model_repository),
+        "REDIS_URL": redis_server.url,
+    }).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def fraud_rows() -> tuple[np.ndarray, np.ndarray]:
+    """Fresh rows from the same generator as the training data (another seed), with labels."""
+    from fraud_service.build_model import generate_dataset
+
+    x, y = generate_dataset(4000, seed=2024)
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="session")
+def onnx_reference(model_repository: Path):
+    """The fraud ONNX model run directly with ONNX Runtime: rows -> fraud probability."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model_repository / "fraud" / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        return sess.run(["probabilities"], {"features": rows.astype(np.float32)})[0][:, 1]
+
+    return predict
