@@ -52,6 +52,7 @@ def main() -> int:
     import onnxruntime as ort
     from fraud.v1 import fraud_pb2 as pb
     from fraud.v1 import fraud_pb2_grpc as rpc
+
     from fraud_service.build_model import generate_dataset
 
     x, _ = generate_dataset(args.calls + args.warmup + 10, seed=99)

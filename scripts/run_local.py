@@ -83,7 +83,8 @@ def wait_serving(svc: Service, proc: subprocess.Popen, timeout: float = 120.0) -
             if proc.poll() is not None:
                 raise SystemExit(f"{svc.name}: exited with code {proc.returncode} during start-up (see its log above)")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass

@@ -18,7 +18,7 @@ TOL = 1e-6
 
 
 def test_unary_matches_onnx_runtime(fraud_service, fraud_rows, onnx_reference):
-    x, y = fraud_rows
+    x, _ = fraud_rows
     rows = perturb(x[:40], seed=1)
     expected = onnx_reference(rows)
     channel, client = stub(fraud_service.target)
@@ -71,7 +71,7 @@ def test_batch_matches_onnx_and_reports_per_item_errors(fraud_service, fraud_row
     assert errors[3].code == "INVALID_ARGUMENT"
     assert "transactions[3].features[4] (distance_from_home_km)" in errors[3].message and "finite" in errors[3].message
     assert errors[7].message == "transactions[7].features: expected 30 values, got 29"
-    assert "transactions[12].features[1] (hour_of_day) = 24 is outside [0, 23]" == errors[12].message
+    assert errors[12].message == "transactions[12].features[1] (hour_of_day) = 24 is outside [0, 23]"
     preds = [r.prediction for r in resp.results if r.WhichOneof("outcome") == "prediction"]
     assert [p.transaction_id for p in preds] == [f"ok{i}" for i in range(20)]
     np.testing.assert_allclose([p.fraud_probability for p in preds], onnx_reference(rows), atol=TOL)
@@ -119,7 +119,7 @@ def test_bad_inputs_get_specific_errors(fraud_service, fraud_rows):
     neg[0] = -5
     cases = [
         (predict_request([]), grpc.StatusCode.INVALID_ARGUMENT, "transaction.features: expected 30 values, got 0"),
-        (predict_request(list(row) + [1.0]), grpc.StatusCode.INVALID_ARGUMENT,
+        (predict_request([*row.tolist(), 1.0]), grpc.StatusCode.INVALID_ARGUMENT,
          "transaction.features: expected 30 values, got 31"),
         (predict_request(inf_row), grpc.StatusCode.INVALID_ARGUMENT,
          "transaction.features[0] (amount) is inf, not a finite number"),
@@ -149,7 +149,6 @@ def test_bad_inputs_get_specific_errors(fraud_service, fraud_rows):
 
 def test_concurrent_calls_are_batched(fraud_service, fraud_rows, onnx_reference):
     """Concurrent unary calls from many clients share batches (batch-size histogram moves past 1)."""
-    import concurrent.futures
     import urllib.request
 
     def batches_over_one() -> float:
@@ -165,7 +164,7 @@ def test_concurrent_calls_are_batched(fraud_service, fraud_rows, onnx_reference)
     before = batches_over_one()
     rows = perturb(fraud_rows[0][200:456], seed=6)
     channel, client = stub(fraud_service.target)
-    with channel, concurrent.futures.ThreadPoolExecutor(32) as pool:
+    with channel:
         futures = [client.Predict.future(predict_request(r), timeout=20) for r in rows]
         probs = [f.result().prediction.fraud_probability for f in futures]
     np.testing.assert_allclose(probs, onnx_reference(rows), atol=TOL)

@@ -21,9 +21,8 @@ pytestmark = pytest.mark.integration
 def _metric(text: str, name: str, **labels: str) -> float:
     want = [f'{k}="{v}"' for k, v in labels.items()]
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(w in line for w in want):
-                return float(line.rsplit(" ", 1)[1])
+        if line.startswith((name + "{", name + " ")) and all(w in line for w in want):
+            return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
@@ -70,7 +69,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list = []
         self.lock = threading.Lock()
 
-    def Export(self, request, context):  # noqa: N802
+    def Export(self, request, context):
         with self.lock:
             for rs in request.resource_spans:
                 service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
