@@ -120,3 +120,25 @@ def test_missing_model_stops_start_up_with_a_message(tmp_path: Path):
     svc = ServiceProcess("fraud_service", "FRAUD_", env={"FRAUD_MODEL_REPOSITORY": str(tmp_path)}).start(wait=False)
     assert svc.proc is not None and svc.proc.wait(30) == 1
     assert "model 'fraud' has no versions" in svc.logs() and "make models" in svc.logs()
+
+
+def test_message_size_limit_is_a_setting(model_repository, fraud_rows):
+    from fraud.v1 import fraud_pb2 as pb
+
+    from tests.fraud.helpers import tx
+
+    svc = ServiceProcess("fraud_service", "FRAUD_", env={
+        "FRAUD_MODEL_REPOSITORY": str(model_repository), "FRAUD_MAX_MESSAGE_BYTES": "4096"}).start()
+    try:
+        channel, client = stub(svc.target)
+        with channel:
+            small = client.PredictBatch(pb.PredictBatchRequest(transactions=[tx(r) for r in fraud_rows[0][:10]]),
+                                        timeout=10)
+            assert len(small.results) == 10
+            with pytest.raises(grpc.RpcError) as err:  # 100 transactions are ~13 KB
+                client.PredictBatch(pb.PredictBatchRequest(transactions=[tx(r) for r in fraud_rows[0][:100]]),
+                                    timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "4096" in err.value.details()
+    finally:
+        svc.stop()

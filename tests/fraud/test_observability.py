@@ -53,6 +53,8 @@ def test_metrics_count_requests_by_status_and_cache(fraud_service, fraud_rows):
     assert delta("inference_batch_size_count", model="fraud") >= 1
     assert _metric(after, "inference_model_ready", model="fraud", version="1") == 1
     assert _metric(after, "inference_queue_depth", model="fraud", version="1") == 0
+    assert _metric(after, "inference_model_info", model="fraud", platform="onnxruntime_onnx", device="cpu",
+                   providers="CPUExecutionProvider") == 1
     assert 'inference_circuit_breaker_state{breaker="redis"} 0.0' in after
     assert 'inference_circuit_breaker_state{breaker="model-fraud"} 0.0' in after
     # latency buckets resolve 0.5 ms .. 2 s

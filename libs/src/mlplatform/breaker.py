@@ -6,6 +6,7 @@ around an awaited call, which is what `Breaker.call` does.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
@@ -33,7 +34,7 @@ class Breaker:
     """Opens after `fail_max` consecutive failures; after `reset_timeout_s` lets one trial call through.
 
     Exceptions of the `exclude` types are the caller's fault (bad input, queue full)
-    and do not count as failures.
+    and do not count as failures; neither does a cancelled call.
     """
 
     def __init__(
@@ -48,10 +49,15 @@ class Breaker:
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
-            exclude=list(exclude),
+            # a cancelled call (the caller went away) says nothing about the protected backend
+            exclude=[asyncio.CancelledError, *exclude],
             listeners=[_StateMetric(name)],
             name=name,
+            # the call that trips the breaker was attempted: its caller gets its own error,
+            # BreakerOpenError only ever means "not attempted"
+            throw_new_error_on_trip=False,
         )
+        self._trial_in_flight = False
 
     @property
     def state(self) -> str:
@@ -60,8 +66,19 @@ class Breaker:
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Await `fn()` under the breaker; raise BreakerOpenError instead of calling when open."""
+        # pybreaker's half-open state lets every call through; while awaited calls overlap,
+        # only the first one after the reset timeout is the trial, the others are refused.
+        trial = self._cb.current_state != pybreaker.STATE_CLOSED
+        if trial and self._trial_in_flight:
+            raise BreakerOpenError(f"circuit breaker {self.name!r} is half-open, its trial call is in flight")
         try:
             with self._cb.calling():
-                return await fn()
+                if trial:
+                    self._trial_in_flight = True
+                try:
+                    return await fn()
+                finally:
+                    if trial:
+                        self._trial_in_flight = False
         except pybreaker.CircuitBreakerError as exc:
             raise BreakerOpenError(f"circuit breaker {self.name!r} is open") from exc

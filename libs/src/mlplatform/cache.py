@@ -63,6 +63,8 @@ def decode_outputs(data: bytes) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for name, dtype_str, shape in header:
             dtype = np.dtype(dtype_str)
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"bad shape {shape!r}")
             if dtype.hasobject:
                 raise ValueError("object arrays are not cacheable")
             size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))

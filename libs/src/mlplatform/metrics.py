@@ -49,6 +49,10 @@ BREAKER_STATE = Gauge(
 )
 FALLBACKS = Counter("inference_fallback_total", "Rows answered by the model's fallback", ["model", "version"])
 MODEL_READY = Gauge("inference_model_ready", "1 when the model is loaded and warmed up", ["model", "version"])
+MODEL_INFO = Gauge(
+    "inference_model_info", "Served model: platform, device and the runtime providers actually in use",
+    ["model", "version", "platform", "device", "providers"],
+)
 GPU_MEMORY = Gauge("inference_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
 
 BREAKER_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}

@@ -52,6 +52,11 @@ class Model(ABC):
         """Where inference runs (`cpu` or `gpu`)."""
         return "cpu"
 
+    @property
+    def providers(self) -> list[str]:
+        """Runtime providers in use (e.g. ONNX Runtime execution providers); empty when not applicable."""
+        return []
+
     @abstractmethod
     def _load(self) -> None:
         """Load the artifact (blocking)."""
@@ -79,7 +84,10 @@ class Model(ABC):
     async def load(self) -> None:
         """Load off the event loop."""
         await asyncio.to_thread(self._load)
-        log.info("loaded %s v%s from %s", self.name, self.version, self.model_version.artifact_path)
+        metrics.MODEL_INFO.labels(model=self.name, version=self.version, platform=self.config.platform,
+                                  device=self.device, providers=",".join(self.providers)).set(1)
+        log.info("loaded %s v%s from %s on %s %s", self.name, self.version, self.model_version.artifact_path,
+                 self.device, self.providers)
 
     async def warmup(self, iterations: int | None = None) -> None:
         """Run warm-up batches of each configured size; the model is ready only when they succeed."""

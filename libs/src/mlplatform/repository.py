@@ -124,7 +124,9 @@ class ModelRepository:
         """The pinned `version`, or the newest one; raise NotFoundError or ValueError (bad config)."""
         available = self.versions(model)
         if not available:
-            raise NotFoundError(f"model {model!r} has no versions under {self.root} (run `make models`)")
+            models = sorted(p.name for p in self.root.iterdir() if self.versions(p.name)) if self.root.is_dir() else []
+            raise NotFoundError(f"model {model!r} has no versions under {self.root}; available models: {models} "
+                                "(run `make models`)")
         chosen = version if version is not None else available[-1]
         if chosen not in available:
             raise NotFoundError(f"model {model!r} has no version {chosen}; available: {available}")

@@ -29,11 +29,15 @@ async def ordered_concurrent(
     bad message); an exception escaping it ends the stream.
     """
     pending: asyncio.Queue[asyncio.Task[Resp] | None] = asyncio.Queue(maxsize=max_in_flight)
+    # Counts handlers started and not yet answered (the queue alone would let two more run:
+    # the one being awaited below and the one the reader holds while `put` waits).
+    slots = asyncio.Semaphore(max_in_flight)
 
     async def reader() -> None:
         index = 0
         try:
             async for message in requests:
+                await slots.acquire()
                 await pending.put(asyncio.ensure_future(handle(index, message)))
                 index += 1
         finally:
@@ -42,7 +46,11 @@ async def ordered_concurrent(
     reader_task = asyncio.create_task(reader())
     try:
         while (task := await pending.get()) is not None:
-            yield await task
+            try:
+                response = await task
+            finally:
+                slots.release()
+            yield response
         await reader_task  # surface a reader error (e.g. a broken stream)
     finally:
         reader_task.cancel()

@@ -39,9 +39,10 @@ def select_providers(
     unknown = [p for p in preferred if not p.endswith("ExecutionProvider")]
     if unknown:
         raise ValueError(f"runtime.providers: {unknown} are not ONNX Runtime execution provider names")
-    chosen = [p for p in preferred if p in available]
-    if CPU not in chosen:
-        chosen.append(CPU)
+    # CPU goes last even when listed earlier: ONNX Runtime gives each node to the first provider
+    # that supports it, and CPU supports them all, so nothing after it would ever be used.
+    chosen = [p for p in dict.fromkeys(preferred) if p in available and p != CPU]
+    chosen.append(CPU)
     options = options or {}
     return [(p, dict(options.get(p, {}))) for p in chosen]
 

@@ -1,0 +1,60 @@
+"""`make run`'s launcher: brings the stack up, prints a call that works, and Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.procs import ROOT, free_port, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository):
+    grpc_port, metrics_port, redis_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
+         "--redis-port", str(redis_port)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = []
+    try:
+        deadline = time.monotonic() + 90
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        text = "".join(output)
+        assert "The platform is up" in text, text
+        assert f"redis: started on 127.0.0.1:{redis_port}" in text
+        assert f"fraud: SERVING on 127.0.0.1:{grpc_port}" in text
+        snippet = re.search(r"<<'PY'\n(.*?)\nPY\n", text, re.S)
+        assert snippet, text
+        call = subprocess.run([sys.executable, "-"], input=snippet.group(1), capture_output=True, text=True,
+                              timeout=30, cwd=ROOT)
+        assert call.returncode == 0, call.stderr
+        assert 'transaction_id: "tx-1"' in call.stdout and 'model_name: "fraud"' in call.stdout
+        assert "fraud_probability" in call.stdout
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest
+        assert "stopped." in rest and "fraud: stopped" in rest
+        for port in (grpc_port, redis_port):
+            with pytest.raises(TimeoutError):
+                wait_for_port(port, timeout=0.3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
