@@ -54,7 +54,7 @@ lint: setup
 	$(BIN)/ruff check $(PY_SOURCES)
 
 bench: setup models
-	$(BIN)/python bench/sequential_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/fraud_latency.py --model-repository $(MODELS)
 
 constraints: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.tmp && mv constraints.tmp constraints.txt

@@ -46,7 +46,7 @@ def test_model_metadata_and_config(client, model_repository):
     assert config["max_batch_size"] == 256
     assert config["input"] == [{"name": "features", "data_type": "TYPE_FP32", "dims": ["30"]}]
     assert {o["name"]: o.get("dims", []) for o in config["output"]} == {"label": [], "probabilities": ["2"]}
-    assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) == 2000
+    assert int(config["dynamic_batching"].get("max_queue_delay_microseconds", 0)) == 0
     assert config["dynamic_batching"]["preferred_batch_size"] == [32, 64, 128, 256]
 
 
