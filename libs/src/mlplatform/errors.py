@@ -1,9 +1,13 @@
 """Serving errors that carry the gRPC status they map to.
 
-Model code raises these; servicers turn them into a status with `abort_with`.
+Model code raises these; servicers turn them into a status with `abort_on_serving_error`.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -56,6 +60,17 @@ class InferenceError(ServingError):
     code = grpc.StatusCode.INTERNAL
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: ServingError) -> None:
-    """Abort the RPC with the error's status and message (raises)."""
-    await context.abort(error.code, error.message)
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def abort_on_serving_error(method: Handler) -> Handler:
+    """Decorate a unary servicer method: a ServingError aborts the RPC with its status and message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServingError as err:
+            await context.abort(err.code, err.message)
+
+    return wrapper  # type: ignore[return-value]

@@ -17,7 +17,7 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
 
 from mlplatform import __version__
-from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_with
+from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_on_serving_error
 from mlplatform.interceptors import set_request_model
 from mlplatform.pipeline import Predictor
 from mlplatform.streaming import ordered_concurrent
@@ -122,26 +122,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=all(p.model.ready for p in self.predictors.values()))
 
+    @abort_on_serving_error
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        try:
-            return pb.ModelReadyResponse(ready=self._resolve(request.name, request.version).model.ready)
-        except ServingError as err:
-            await abort_with(context, err)
-            raise
+        return pb.ModelReadyResponse(ready=self._resolve(request.name, request.version).model.ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
-    async def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelMetadataResponse:
-        try:
-            model = self._resolve(request.name, request.version).model
-        except ServingError as err:
-            await abort_with(context, err)
-            raise
+    @abort_on_serving_error
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        model = self._resolve(request.name, request.version).model
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -151,12 +143,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
         )
 
+    @abort_on_serving_error
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        try:
-            model = self._resolve(request.name, request.version).model
-        except ServingError as err:
-            await abort_with(context, err)
-            raise
+        model = self._resolve(request.name, request.version).model
         cfg = model.config
         batching = cfg.batching
         return pb.ModelConfigResponse(config=mc.ModelConfig(
@@ -178,12 +167,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             default_model_filename=cfg.artifact,
         ))
 
+    @abort_on_serving_error
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        try:
-            return await self._infer(request, context.time_remaining())
-        except ServingError as err:
-            await abort_with(context, err)
-            raise
+        return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext

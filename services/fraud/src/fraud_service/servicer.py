@@ -10,7 +10,7 @@ from fraud.v1 import fraud_pb2 as pb
 from fraud.v1 import fraud_pb2_grpc as pb_grpc
 
 from fraud_service.model import INPUT, PROBABILITIES, FraudModel
-from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_with
+from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_on_serving_error
 from mlplatform.interceptors import set_request_model
 from mlplatform.pipeline import Prediction, Predictor
 from mlplatform.streaming import ordered_concurrent
@@ -57,45 +57,38 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
 
     # -- RPCs -------------------------------------------------------------------------
 
+    @abort_on_serving_error
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         set_request_model(self.model.name, self.model.version)
-        try:
-            self._check_version(request.model_version)
-            row = self._row(request.transaction, "transaction")
-            [prediction] = await self._score(row[np.newaxis], [request.transaction.transaction_id], context)
-        except ServingError as err:
-            await abort_with(context, err)
-            raise
+        self._check_version(request.model_version)
+        row = self._row(request.transaction, "transaction")
+        [prediction] = await self._score(row[np.newaxis], [request.transaction.transaction_id], context)
         return pb.PredictResponse(prediction=prediction)
 
+    @abort_on_serving_error
     async def PredictBatch(
         self, request: pb.PredictBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictBatchResponse:
         set_request_model(self.model.name, self.model.version)
-        try:
-            self._check_version(request.model_version)
-            n = len(request.transactions)
-            if n == 0:
-                raise InvalidInputError("transactions: empty batch, at least one transaction is required")
-            if n > self.model.max_batch_size:
-                raise InvalidInputError(f"transactions: {n} items, at most {self.model.max_batch_size} per batch")
-            results: list[pb.FraudResult | None] = [None] * n
-            good: list[int] = []
-            rows: list[np.ndarray] = []
-            for i, tx in enumerate(request.transactions):
-                try:
-                    rows.append(self._row(tx, f"transactions[{i}]"))
-                    good.append(i)
-                except InvalidInputError as err:
-                    results[i] = _error_result(i, err)
-            if good:
-                scored = await self._score(np.stack(rows), [request.transactions[i].transaction_id for i in good],
-                                           context)
-                for i, prediction in zip(good, scored, strict=True):
-                    results[i] = pb.FraudResult(prediction=prediction)
-        except ServingError as err:
-            await abort_with(context, err)
-            raise
+        self._check_version(request.model_version)
+        n = len(request.transactions)
+        if n == 0:
+            raise InvalidInputError("transactions: empty batch, at least one transaction is required")
+        if n > self.model.max_batch_size:
+            raise InvalidInputError(f"transactions: {n} items, at most {self.model.max_batch_size} per batch")
+        results: list[pb.FraudResult | None] = [None] * n
+        good: list[int] = []
+        rows: list[np.ndarray] = []
+        for i, tx in enumerate(request.transactions):
+            try:
+                rows.append(self._row(tx, f"transactions[{i}]"))
+                good.append(i)
+            except InvalidInputError as err:
+                results[i] = _error_result(i, err)
+        if good:
+            ids = [request.transactions[i].transaction_id for i in good]
+            for i, prediction in zip(good, await self._score(np.stack(rows), ids, context), strict=True):
+                results[i] = pb.FraudResult(prediction=prediction)
         return pb.PredictBatchResponse(results=results, model_name=self.model.name, model_version=self.model.version)
 
     async def StreamPredict(
