@@ -118,6 +118,11 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._labels = {"model": model, "version": version}
+        # Labelled children resolved once: `labels()` is a dict lookup under a lock on every call.
+        self._m_queue_depth = metrics.QUEUE_DEPTH.labels(**self._labels)
+        self._m_queue_wait = metrics.QUEUE_WAIT.labels(**self._labels)
+        self._m_batch_size = metrics.BATCH_SIZE.labels(**self._labels)
+        self._m_inference = metrics.INFERENCE_TIME.labels(**self._labels)
         self._keep = keep_batch_sizes
         self.stats = BatcherStats()
 
@@ -175,7 +180,7 @@ class DynamicBatcher:
         )
         self._queue.append(req)
         self._queued_rows += rows
-        metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+        self._m_queue_depth.set(len(self._queue))
         self._arrived.set()
         return await req.future
 
@@ -232,7 +237,7 @@ class DynamicBatcher:
                 break
             batch.append(self._pop())
             rows += req.rows
-        metrics.QUEUE_DEPTH.labels(**self._labels).set(len(self._queue))
+        self._m_queue_depth.set(len(self._queue))
         return batch
 
     async def _execute(self, batch: list[_Request]) -> None:
@@ -242,11 +247,11 @@ class DynamicBatcher:
         started_ns = time.time_ns()
         now = loop.time()
         for req in batch:
-            metrics.QUEUE_WAIT.labels(**self._labels).observe(now - req.enqueued)
+            self._m_queue_wait.observe(now - req.enqueued)
         self.stats.batches += 1
         if len(self.stats.batch_sizes) < self._keep:
             self.stats.batch_sizes.append(rows)
-        metrics.BATCH_SIZE.labels(**self._labels).observe(rows)
+        self._m_batch_size.observe(rows)
         try:
             inputs = batch[0].inputs if len(batch) == 1 else concat_inputs([r.inputs for r in batch])
             outputs = await loop.run_in_executor(self._executor, self._run_checked, inputs, rows)
@@ -260,7 +265,7 @@ class DynamicBatcher:
             return
         finished_ns = time.time_ns()
         self._slots.release()
-        metrics.INFERENCE_TIME.labels(**self._labels).observe((finished_ns - started_ns) / 1e9)
+        self._m_inference.observe((finished_ns - started_ns) / 1e9)
         offset = 0
         for req in batch:
             part = {k: v[offset:offset + req.rows] for k, v in outputs.items()}

@@ -8,6 +8,7 @@ was for with `set_request_model`; the default is the service's own model.
 from __future__ import annotations
 
 import contextvars
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -104,5 +105,16 @@ class _Observation:
         else:
             status = "UNKNOWN"
         m, v = self.labels["model"], self.labels["version"]
-        metrics.REQUESTS.labels(model=m, version=v, method=self.method, status=status).inc()
-        metrics.REQUEST_LATENCY.labels(model=m, version=v, method=self.method).observe(elapsed)
+        _requests(m, v, self.method, status).inc()
+        _latency(m, v, self.method).observe(elapsed)
+
+
+# Labelled children, resolved once per label set (label values are bounded: models, methods, codes).
+@functools.lru_cache(maxsize=4096)
+def _requests(model: str, version: str, method: str, status: str) -> Any:
+    return metrics.REQUESTS.labels(model=model, version=version, method=method, status=status)
+
+
+@functools.lru_cache(maxsize=4096)
+def _latency(model: str, version: str, method: str) -> Any:
+    return metrics.REQUEST_LATENCY.labels(model=model, version=version, method=method)

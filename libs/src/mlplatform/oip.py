@@ -7,6 +7,7 @@ are returned as `raw_output_contents` (what tritonclient and perf_analyzer read)
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import AsyncIterator, Mapping
 
@@ -44,7 +45,7 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     dtype = OIP_TO_NUMPY[datatype]
     if raw is not None:
         if datatype == "BYTES":

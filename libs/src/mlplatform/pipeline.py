@@ -66,7 +66,7 @@ class Predictor:
         if self.cache is not None:
             keys = [cache_mod.row_key(self.model.name, self.model.version, {k: v[i] for k, v in inputs.items()})
                     for i in range(rows)]
-            with tracing.tracer().start_as_current_span("cache.get", attributes={"cache.keys": rows}):
+            with tracing.span("cache.get", **{"cache.keys": rows}):
                 found = await self.cache.get_many(keys)
             for i, blob in enumerate(found):
                 if blob is not None:
@@ -87,7 +87,7 @@ class Predictor:
             elif self.cache is not None:
                 entries = {keys[i]: cache_mod.encode_outputs({k: v[j] for k, v in computed.items()})
                            for j, i in enumerate(miss)}
-                with tracing.tracer().start_as_current_span("cache.set", attributes={"cache.keys": len(entries)}):
+                with tracing.span("cache.set", **{"cache.keys": len(entries)}):
                     await self.cache.set_many(entries)
 
         cached = np.zeros(rows, dtype=bool)

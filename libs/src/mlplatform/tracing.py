@@ -7,7 +7,9 @@ the API stays a no-op. The server interceptor continues an incoming `traceparent
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 from opentelemetry import trace
 
@@ -15,11 +17,12 @@ log = logging.getLogger(__name__)
 
 TRACER_NAME = "mlplatform"
 _provider = None
+_enabled = False  # spans are only built when an exporter is installed: the hot path stays cheap
 
 
 def setup_tracing(service_name: str, endpoint: str | None) -> bool:
     """Install an OTLP-exporting tracer provider when `endpoint` is set. True when tracing is on."""
-    global _provider
+    global _provider, _enabled
     if not endpoint:
         return False
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -32,6 +35,7 @@ def setup_tracing(service_name: str, endpoint: str | None) -> bool:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure)))
     trace.set_tracer_provider(provider)
     _provider = provider
+    _enabled = True
     log.info("tracing: exporting spans over OTLP to %s", endpoint)
     return True
 
@@ -58,7 +62,24 @@ def server_interceptor():
     return aio_server_interceptor(filter_=filters.negate(skip))
 
 
+def enabled() -> bool:
+    """True once `setup_tracing` installed an exporter."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes: object) -> Iterator[None]:
+    """A child span of the current span around a block; nothing at all when tracing is off."""
+    if not _enabled:
+        yield
+        return
+    with tracer().start_as_current_span(name, attributes=attributes):  # type: ignore[arg-type]
+        yield
+
+
 def record_span(name: str, start_ns: int, end_ns: int, **attributes: object) -> None:
     """Record a finished child span of the current span with explicit times (e.g. queue wait)."""
-    span = tracer().start_span(name, start_time=start_ns, attributes=attributes)  # type: ignore[arg-type]
-    span.end(end_time=end_ns)
+    if not _enabled:
+        return
+    finished = tracer().start_span(name, start_time=start_ns, attributes=attributes)  # type: ignore[arg-type]
+    finished.end(end_time=end_ns)
