@@ -126,3 +126,74 @@ def test_stream_infer(client, fraud_rows, onnx_reference):
     assert sorted(ok, key=int) == [str(i) for i in range(10)]
     np.testing.assert_allclose([ok[str(i)] for i in range(10)], onnx_reference(rows), atol=1e-6)
     assert len(errors) == 1 and "INVALID_ARGUMENT" in errors[0].message() and "[1, 5]" in errors[0].message()
+
+
+@pytest.fixture()
+def raw_stub(fraud_service):
+    """tritonclient's own generated stubs, for hand-made (and malformed) requests."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    channel = grpc.insecure_channel(fraud_service.target)
+    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+def _request(rows: np.ndarray, *, raw: bool = True, datatype: str = "FP32", shape=None, outputs=()):
+    from tritonclient.grpc import service_pb2
+
+    req = service_pb2.ModelInferRequest(model_name="fraud", id="r1")
+    tensor = req.inputs.add(name="features", datatype=datatype, shape=list(shape or rows.shape))
+    if raw:
+        req.raw_input_contents.append(rows.astype(np.float32).tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(rows.ravel().tolist())
+    for name in outputs:
+        req.outputs.add(name=name)
+    return req
+
+
+def test_typed_contents_give_the_same_answer_as_raw_bytes(raw_stub, fraud_rows, onnx_reference):
+    rows = perturb(fraud_rows[0][1100:1105], seed=14)
+    resp = raw_stub.ModelInfer(_request(rows, raw=False, outputs=["probabilities"]), timeout=10)
+    assert resp.id == "r1" and [o.name for o in resp.outputs] == ["probabilities"]
+    assert list(resp.outputs[0].shape) == [5, 2] and resp.outputs[0].datatype == "FP32"
+    probs = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(5, 2)
+    np.testing.assert_allclose(probs[:, 1], onnx_reference(rows), atol=1e-6)
+    assert resp.parameters["cached_rows"].int64_param == 0
+    again = raw_stub.ModelInfer(_request(rows, raw=True), timeout=10)
+    assert again.parameters["cached_rows"].int64_param == 5  # same rows: answered from the cache
+    assert again.raw_output_contents[list(o.name for o in again.outputs).index("probabilities")] == \
+        resp.raw_output_contents[0]
+
+
+def test_malformed_oip_requests_are_refused_with_a_reason(raw_stub, fraud_rows):
+    import grpc
+
+    rows = fraud_rows[0][:2]
+    short_raw = _request(rows)
+    short_raw.raw_input_contents[0] = short_raw.raw_input_contents[0][:-4]
+    two_raw = _request(rows)
+    two_raw.raw_input_contents.append(b"")
+    duplicate = _request(rows)
+    duplicate.inputs.add(name="features", datatype="FP32", shape=[2, 30])
+    duplicate.raw_input_contents.append(rows.astype(np.float32).tobytes())
+    few_values = _request(rows, raw=False)
+    del few_values.inputs[0].contents.fp32_contents[-1]
+    cases = [
+        (short_raw, "input 'features': 236 raw bytes, expected 240 for shape [2, 30] FP32"),
+        (two_raw, "2 raw_input_contents for 1 inputs"),
+        (duplicate, "input 'features' is given twice"),
+        (few_values, "input 'features': 59 values in contents, shape [2, 30] needs 60"),
+        (_request(rows, datatype="FP33"), "input 'features': unknown datatype 'FP33'"),
+        (_request(rows, shape=[2, -30]), "input 'features': shape [2, -30] has a negative dimension"),
+        (_request(rows, outputs=["score"]), "unknown requested output(s) ['score']; model outputs: "
+                                            "['label', 'probabilities']"),
+        (_request(rows, raw=False, datatype="FP16"), "input 'features': datatype FP16 must be sent as "
+                                                     "raw_input_contents"),
+    ]
+    for request, message in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            raw_stub.ModelInfer(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, message
+        assert err.value.details() == message
