@@ -179,24 +179,22 @@ def test_new_version_never_gets_old_versions_cached_answer(model_repository, fra
     shutil.copytree(model_repository / "fraud" / "1", repo / "fraud" / "1")
     redis = RedisServer().start()
     rows = perturb(fraud_rows[0][500:510], seed=7)
-    try:
-        v1 = ServiceProcess("fraud_service", "FRAUD_", env={
-            "FRAUD_MODEL_REPOSITORY": str(repo), "REDIS_URL": redis.url}).start()
-        channel, client = stub(v1.target)
-        with channel:
-            first = [client.Predict(predict_request(r), timeout=10).prediction for r in rows]
-            again = [client.Predict(predict_request(r), timeout=10).prediction for r in rows]
-        v1.stop()
-        assert all(p.cached for p in again) and not any(p.cached for p in first)
 
-        build(repo, version=2, seed=7, rows=60_000)  # another seed: another model
-        v2 = ServiceProcess("fraud_service", "FRAUD_", env={
+    def serve_twice() -> tuple[list, list]:
+        """Start the newest version against the shared Redis, send every row twice, stop it."""
+        svc = ServiceProcess("fraud_service", "FRAUD_", env={
             "FRAUD_MODEL_REPOSITORY": str(repo), "REDIS_URL": redis.url}).start()
-        channel, client = stub(v2.target)
+        channel, client = stub(svc.target)
         with channel:
-            fresh = [client.Predict(predict_request(r), timeout=10).prediction for r in rows]
-            repeat = [client.Predict(predict_request(r), timeout=10).prediction for r in rows]
-        v2.stop()
+            answers = [[client.Predict(predict_request(r), timeout=10).prediction for r in rows] for _ in range(2)]
+        svc.stop()
+        return answers[0], answers[1]
+
+    try:
+        first, again = serve_twice()
+        assert all(p.cached for p in again) and not any(p.cached for p in first)
+        build(repo, version=2, seed=7, rows=60_000)  # another seed: another model
+        fresh, repeat = serve_twice()
     finally:
         redis.stop()
     assert {p.model_version for p in fresh} == {"2"}
