@@ -55,15 +55,19 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
         return [self._prediction(ids[i], float(p1[i]), bool(prediction.cached[i]), bool(prediction.fallback[i]))
                 for i in range(len(ids))]
 
+    async def _predict_one(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.FraudPrediction:
+        self._check_version(request.model_version)
+        row = self._row(request.transaction, "transaction")
+        [prediction] = await self._score(row[np.newaxis], [request.transaction.transaction_id], context)
+        return prediction
+
     # -- RPCs -------------------------------------------------------------------------
 
     @abort_on_serving_error
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         set_request_model(self.model.name, self.model.version)
-        self._check_version(request.model_version)
-        row = self._row(request.transaction, "transaction")
-        [prediction] = await self._score(row[np.newaxis], [request.transaction.transaction_id], context)
-        return pb.PredictResponse(prediction=prediction)
+        return pb.PredictResponse(prediction=await self._predict_one(request, context))
 
     @abort_on_serving_error
     async def PredictBatch(
@@ -98,10 +102,7 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
 
         async def handle(index: int, request: pb.PredictRequest) -> pb.FraudResult:
             try:
-                self._check_version(request.model_version)
-                row = self._row(request.transaction, "transaction")
-                [prediction] = await self._score(row[np.newaxis], [request.transaction.transaction_id], context)
-                return pb.FraudResult(prediction=prediction)
+                return pb.FraudResult(prediction=await self._predict_one(request, context))
             except ServingError as err:
                 return _error_result(index, err)
 
