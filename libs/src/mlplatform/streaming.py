@@ -28,10 +28,10 @@ async def ordered_concurrent(
     `handle` must turn its own failures into a response (a stream must not die of one
     bad message); an exception escaping it ends the stream.
     """
-    pending: asyncio.Queue[asyncio.Task[Resp] | None] = asyncio.Queue(maxsize=max_in_flight)
-    # Counts handlers started and not yet answered (the queue alone would let two more run:
-    # the one being awaited below and the one the reader holds while `put` waits).
+    # The one bound: handlers started and not yet answered. (A bounded queue alone would let two
+    # more run: the one being awaited below and the one the reader holds while `put` waits.)
     slots = asyncio.Semaphore(max_in_flight)
+    pending: asyncio.Queue[asyncio.Task[Resp] | None] = asyncio.Queue()
 
     async def reader() -> None:
         index = 0
