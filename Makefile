@@ -7,25 +7,27 @@ STAMP := $(VENV)/.installed
 MODELS := model_repository
 PIP := $(BIN)/pip install -q -c constraints.txt
 SERVICE_PACKAGES := -e 'services/fraud[build]'
-PY_SOURCES := libs services scripts tests protos/generate.py bench
+PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench
 
-.PHONY: help setup protos models run test lint system-deps bench constraints clean
+.PHONY: help setup protos models run test lint system-deps bench constraints clean token gateway-config
 
 help:
 	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
 	@echo "make bench   - latency of sequential fraud Predict calls -> bench/results/"
+	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
+	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make lint    - ruff"
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
 $(STAMP): constraints.txt requirements-dev.txt protos/pyproject.toml libs/pyproject.toml \
-          services/fraud/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
+          services/fraud/pyproject.toml gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) grpcio-tools googleapis-common-protos
 	$(BIN)/python protos/generate.py
-	$(PIP) -e protos -e 'libs[cpu]' $(SERVICE_PACKAGES) -r requirements-dev.txt
+	$(PIP) -e protos -e 'libs[cpu]' $(SERVICE_PACKAGES) -e gateway-envoy -r requirements-dev.txt
 	@touch $@
 
 setup: $(STAMP)
@@ -45,6 +47,17 @@ system-deps:
 
 run: setup models
 	$(BIN)/python scripts/run_local.py --model-repository $(MODELS)
+
+# A dev JWT for the gateway, signed with the local dev key (.dev/gateway/, created if missing).
+SUB ?= dev-user
+TIER ?=
+token: setup
+	@$(BIN)/python -m mlplatform_gateway token --sub '$(SUB)' $(if $(TIER),--tier '$(TIER)')
+
+VARIANT ?= local
+gateway-config: setup
+	$(BIN)/python -m mlplatform_gateway render --variant $(VARIANT) --validate --out build/gateway/envoy-$(VARIANT).yaml
+	@echo "wrote build/gateway/envoy-$(VARIANT).yaml"
 
 test: setup system-deps models
 	$(BIN)/ruff check $(PY_SOURCES)

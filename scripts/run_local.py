@@ -1,8 +1,11 @@
-"""`make run`: start the platform locally (Redis, every service that exists), wait until healthy,
-print how to call it, and stop everything on Ctrl-C.
+"""`make run`: start the platform locally (Redis, every service that exists, the Envoy gateway),
+wait until all are healthy, print how to call it, and stop everything on Ctrl-C.
 
 Redis is started when `redis-server` is installed (or reused when something already
 answers on the Redis port); without it the services fall back to their in-process cache.
+`--replicas N` starts N processes per service (replica i on the service's ports + 100·i)
+behind the gateway's health-checked cluster. Gateway: `GATEWAY_PORT` (8080) and
+`GATEWAY_ADMIN_PORT` (9901, loopback); its JSON access log goes to .run/gateway/access.log.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mlplatform_gateway import auth
+from mlplatform_gateway import render as gateway_render
+from mlplatform_gateway.__main__ import DEFAULT_KEY_DIR, prepare_files_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -75,13 +82,14 @@ def start_redis(port: int, procs: list[subprocess.Popen]) -> str | None:
     return url
 
 
-def wait_serving(svc: Service, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_serving(name: str, port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Block until the process on `port` reports SERVING (grpc.health.v1)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise SystemExit(f"{svc.name}: exited with code {proc.returncode} during start-up (see its log above)")
+                raise SystemExit(f"{name}: exited with code {proc.returncode} during start-up (see its log above)")
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -89,7 +97,7 @@ def wait_serving(svc: Service, proc: subprocess.Popen, timeout: float = 120.0) -
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise SystemExit(f"{svc.name}: not SERVING after {timeout:.0f} s")
+    raise SystemExit(f"{name}: not SERVING after {timeout:.0f} s")
 
 
 def configured(svc: Service) -> Service:
@@ -99,17 +107,81 @@ def configured(svc: Service) -> Service:
     return svc
 
 
-def usage(repo: Path, fraud: Service) -> str:
+def start_service(svc: Service, replica: int, repo: Path, redis_url: str | None,
+                  procs: list[subprocess.Popen]) -> int:
+    """Start one replica of a service and wait until SERVING; returns its gRPC port."""
+    grpc_port, metrics_port = svc.grpc_port + 100 * replica, svc.metrics_port + 100 * replica
+    env = {**os.environ, f"{svc.prefix}MODEL_REPOSITORY": str(repo), f"{svc.prefix}GRPC_PORT": str(grpc_port),
+           f"{svc.prefix}METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1", **svc.env}
+    # Behind the gateway: keep answering for a moment after NOT_SERVING, so that Envoy's
+    # health check (1 s interval) takes the replica out of rotation before it stops.
+    env.setdefault(f"{svc.prefix}DRAIN_DELAY_S", "2")
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    proc = subprocess.Popen([PY, "-m", svc.module], env=env, cwd=ROOT)
+    procs.append(proc)
+    name = svc.name if replica == 0 else f"{svc.name}[{replica}]"
+    wait_serving(name, grpc_port, proc)
+    print(f"{name}: SERVING on 127.0.0.1:{grpc_port} (metrics :{metrics_port})")
+    return grpc_port
+
+
+def admin_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+        return resp.read().decode()
+
+
+def start_gateway(port: int, admin_port: int, endpoints: dict[str, list[str]],
+                  procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """Render the local gateway config, start Envoy, wait until every upstream host is healthy."""
+    files = prepare_files_dir(ROOT / ".run" / "gateway", DEFAULT_KEY_DIR)
+    config = gateway_render.render("local", {
+        "files_dir": str(files),
+        "listener": {"port": port},
+        "admin": {"port": admin_port},
+        "upstreams": {"endpoints": endpoints},
+        "access_log": {"path": str(files / "access.log")},
+    })
+    path = files / "envoy.yaml"
+    path.write_text(config)
+    proc = subprocess.Popen([gateway_render.envoy_binary(), "-c", str(path), "--disable-hot-restart",
+                             "--log-level", "warn"], cwd=ROOT)
+    procs.append(proc)
+    hosts = sum(len(v) for v in endpoints.values())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway: envoy exited with code {proc.returncode} (config: {path})")
+        try:
+            healthy = admin_get(admin_port, "/clusters").count("::health_flags::healthy")
+            if admin_get(admin_port, "/ready").strip() == "LIVE" and healthy == hosts:
+                print(f"gateway: Envoy on 127.0.0.1:{port} (admin 127.0.0.1:{admin_port}), "
+                      f"{healthy}/{hosts} upstream hosts healthy")
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"gateway: not ready with all {hosts} upstream hosts healthy after {timeout:.0f} s")
+
+
+def usage(repo: Path, fraud: Service, gateway_port: int, admin_port: int) -> str:
     sample = json.loads((repo / "fraud" / "1" / "sample.json").read_text())
     features = sample["rows"][0]["features"]
     payload = json.dumps({"transaction": {"transaction_id": "tx-1", "features": features}})
+    token = auth.mint_token(auth.ensure_dev_keys(DEFAULT_KEY_DIR), "dev-user")
     return f"""
 The platform is up. Call it:
 
-  # gRPC with grpcurl (server reflection is on):
-  grpcurl -plaintext -d '{payload}' 127.0.0.1:{fraud.grpc_port} fraud.v1.FraudService/Predict
+  # REST through the gateway (JWT required; `make token SUB=alice` prints another token):
+  TOKEN={token}
+  curl -s http://127.0.0.1:{gateway_port}/api/v1/fraud -H "Authorization: Bearer $TOKEN" \\
+    -H 'content-type: application/json' -d '{payload}'
 
-  # Python, typed API:
+  # gRPC through the gateway (same port), or straight to the service on {fraud.grpc_port}:
+  grpcurl -plaintext -H "Authorization: Bearer $TOKEN" -d '{payload}' \\
+    127.0.0.1:{gateway_port} fraud.v1.FraudService/Predict
+
+  # Python, typed API, straight to the service:
   {PY} - <<'PY'
 import grpc
 from fraud.v1 import fraud_pb2 as pb, fraud_pb2_grpc as rpc
@@ -120,7 +192,10 @@ PY
 
   # Open Inference Protocol v2 (tritonclient, perf_analyzer, KServe SDK): model "fraud" at 127.0.0.1:{fraud.grpc_port}
   # Metrics: curl -s http://127.0.0.1:{fraud.metrics_port}/metrics | grep ^inference_
+  #          curl -s http://127.0.0.1:{admin_port}/stats/prometheus   (gateway)
+  # Gateway access log (JSON lines): {ROOT / '.run' / 'gateway' / 'access.log'}
 
+Limits: 100 requests per minute per API key (the token's `sub`).
 Feature order and valid ranges: {repo / 'fraud' / '1' / 'config.json'} (parameters.features).
 Press Ctrl-C to stop everything.
 """
@@ -130,8 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--redis-port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
+    parser.add_argument("--gateway-port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
+    parser.add_argument("--gateway-admin-port", type=int,
+                        default=int(os.environ.get("GATEWAY_ADMIN_PORT", "9901")))
+    parser.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")),
+                        help="processes per service behind the gateway")
     parser.add_argument("--no-wait", action="store_true", help="exit once everything is healthy (for smoke tests)")
     args = parser.parse_args(argv)
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
 
     procs: list[subprocess.Popen] = []
     stopping = False
@@ -144,17 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         redis_url = start_redis(args.redis_port, procs)
-        for svc in map(configured, SERVICES):
-            env = {**os.environ, f"{svc.prefix}MODEL_REPOSITORY": str(args.model_repository),
-                   f"{svc.prefix}GRPC_PORT": str(svc.grpc_port), f"{svc.prefix}METRICS_PORT": str(svc.metrics_port),
-                   "PYTHONUNBUFFERED": "1", **svc.env}
-            if redis_url:
-                env["REDIS_URL"] = redis_url
-            proc = subprocess.Popen([PY, "-m", svc.module], env=env, cwd=ROOT)
-            procs.append(proc)
-            wait_serving(svc, proc)
-            print(f"{svc.name}: SERVING on 127.0.0.1:{svc.grpc_port} (metrics :{svc.metrics_port})")
-        print(usage(args.model_repository, SERVICES[0]), flush=True)
+        services = [configured(svc) for svc in SERVICES]
+        endpoints = {
+            svc.name: [f"127.0.0.1:{start_service(svc, i, args.model_repository, redis_url, procs)}"
+                       for i in range(args.replicas)]
+            for svc in services
+        }
+        start_gateway(args.gateway_port, args.gateway_admin_port, endpoints, procs)
+        print(usage(args.model_repository, services[0], args.gateway_port, args.gateway_admin_port), flush=True)
         while not stopping and not args.no_wait:
             dead = [p for p in procs if p.poll() is not None]
             if dead:

@@ -1,7 +1,8 @@
-"""`make run`'s launcher: brings the stack up, prints a call that works, and Ctrl-C stops everything."""
+"""`make run`'s launcher: brings the stack up behind the gateway, prints calls that work, Ctrl-C stops all."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,8 +19,9 @@ pytestmark = pytest.mark.integration
 
 def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository):
     grpc_port, metrics_port, redis_port = free_port(), free_port(), free_port()
+    gateway_port, admin_port = free_port(), free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
-           "PYTHONUNBUFFERED": "1"}
+           "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(redis_port)],
@@ -46,12 +48,21 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
                               timeout=30, cwd=ROOT)
         assert call.returncode == 0, call.stderr
         assert 'transaction_id: "tx-1"' in call.stdout and 'model_name: "fraud"' in call.stdout
-        assert "fraud_probability" in call.stdout
+        direct = float(re.search(r"fraud_probability: (\S+)", call.stdout).group(1))
+        # The printed curl, with its fresh token, through the gateway: same answer as direct gRPC.
+        assert f"gateway: Envoy on 127.0.0.1:{gateway_port}" in text
+        curl = re.search(r"  (TOKEN=\S+)\n  (curl .*?\}\}')\n", text, re.S)
+        assert curl, text
+        via_gateway = subprocess.run(["bash", "-c", f"{curl.group(1)}\n{curl.group(2)}"], capture_output=True,
+                                     text=True, timeout=30)
+        body = json.loads(via_gateway.stdout)["prediction"]
+        assert body["transaction_id"] == "tx-1" and body["model_name"] == "fraud"
+        assert body["fraud_probability"] == pytest.approx(direct, rel=1e-6)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest
         assert "stopped." in rest and "fraud: stopped" in rest
-        for port in (grpc_port, redis_port):
+        for port in (grpc_port, redis_port, gateway_port, admin_port):
             with pytest.raises(TimeoutError):
                 wait_for_port(port, timeout=0.3)
     finally:

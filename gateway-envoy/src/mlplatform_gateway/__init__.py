@@ -1,0 +1,1 @@
+"""The platform's Envoy gateway: config rendering, dev JWT keys and tokens."""

@@ -1,0 +1,122 @@
+"""`python -m mlplatform_gateway`: render and validate configs, make dev keys, print tokens.
+
+  render  --variant local|compose|k8s [--files-dir D] [--set key.path=value ...] [--out F] [--validate]
+  keys    --dir D                      create (or keep) the dev signing key and its JWKS
+  token   --dir D --sub NAME [--tier T] [--ttl S]   print a signed RS256 token
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlplatform_gateway import auth, render
+
+ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_KEY_DIR = ROOT / ".dev" / "gateway"
+DESCRIPTORS = ROOT / "protos" / "gen" / "descriptors.pb"
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`a.b=value` pairs -> nested overrides; values are parsed as YAML (numbers, lists, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"--set wants key.path=value, got {item!r}")
+        node = out
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def prepare_files_dir(directory: Path, key_dir: Path, descriptors: Path = DESCRIPTORS) -> Path:
+    """Put descriptors.pb and the dev jwks.json side by side in `directory` (the config's files_dir)."""
+    if not descriptors.exists():
+        raise SystemExit(f"{descriptors} is missing: run `make protos`")
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(descriptors, directory / "descriptors.pb")
+    key = auth.ensure_dev_keys(key_dir)
+    if key.jwks_path.parent.resolve() != directory.resolve():
+        shutil.copyfile(key.jwks_path, directory / auth.JWKS_FILE)
+    return directory
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    overrides = parse_set(args.set)
+    if args.files_dir:
+        overrides["files_dir"] = str(args.files_dir)
+    elif args.variant == "local":
+        overrides["files_dir"] = str(prepare_files_dir(ROOT / ".run" / "gateway", args.key_dir))
+    text = render.render(args.variant, overrides)
+    if args.validate:
+        with tempfile.TemporaryDirectory() as tmp:
+            check = render.load_values(args.variant, overrides)
+            files = Path(check["files_dir"])
+            if not files.exists():
+                # Containers read /etc/envoy; check the same config against local copies.
+                files = prepare_files_dir(Path(tmp) / "files", args.key_dir)
+                text_for_check = render.render(args.variant, {**overrides, "files_dir": str(files)})
+            else:
+                text_for_check = text
+            path = Path(tmp) / "envoy.yaml"
+            path.write_text(text_for_check)
+            render.validate(path)
+        print(f"envoy accepts the {args.variant} config", file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    key = auth.ensure_dev_keys(args.key_dir)
+    print(f"dev signing key: {args.key_dir / auth.PRIVATE_KEY_FILE} (kid {key.kid}); JWKS: {key.jwks_path}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    key = auth.ensure_dev_keys(args.key_dir)
+    print(auth.mint_token(key, args.sub, ttl_s=args.ttl, tier=args.tier))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlplatform_gateway", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--key-dir", type=Path, default=DEFAULT_KEY_DIR, help="dev signing key directory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("render", help="render the Envoy config for a variant")
+    p.add_argument("--variant", choices=render.VARIANTS, default="local")
+    p.add_argument("--files-dir", type=Path, help="directory with descriptors.pb and jwks.json")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
+    p.set_defaults(func=cmd_render)
+    p = sub.add_parser("keys", help="create the dev signing key and JWKS if missing")
+    p.set_defaults(func=cmd_keys)
+    p = sub.add_parser("token", help="print a signed dev token")
+    p.add_argument("--sub", required=True, help="the API key the gateway rate-limits by")
+    p.add_argument("--tier", help="rate-limit tier claim (standard, pro, internal)")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (the gateway accepts up to 24 h)")
+    p.set_defaults(func=cmd_token)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (render.GatewayConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Dev signing keys, their JWKS, and signed tokens for the gateway's `jwt_authn` filter.
+
+`ensure_dev_keys` writes an RSA key pair (private key mode 0600, never committed) and the
+matching JWKS that the local and compose variants load; `mint_token` signs an RS256 token
+with the claims the gateway checks: `iss`, `aud`, `sub` (the API key the rate limit counts
+by), optional `tier`, `iat` and `exp`. Production issuers publish their own JWKS URI.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+DEV_ISSUER = "mlplatform-dev"
+DEV_AUDIENCE = "mlplatform-api"
+PRIVATE_KEY_FILE = "signing-key.pem"
+JWKS_FILE = "jwks.json"
+
+
+def _b64url_uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def public_jwk(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> dict[str, str]:
+    """The RS256 JWK of a key's public half; `kid` is a thumbprint of the modulus."""
+    numbers = (key.public_key() if isinstance(key, rsa.RSAPrivateKey) else key).public_numbers()
+    n = _b64url_uint(numbers.n)
+    return {"kty": "RSA", "alg": "RS256", "use": "sig", "kid": hashlib.sha256(n.encode()).hexdigest()[:16],
+            "n": n, "e": _b64url_uint(numbers.e)}
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """An RSA private key with its JWKS, as written under a key directory."""
+
+    private_key: rsa.RSAPrivateKey
+    directory: Path
+
+    @property
+    def jwks_path(self) -> Path:
+        return self.directory / JWKS_FILE
+
+    @property
+    def kid(self) -> str:
+        return public_jwk(self.private_key)["kid"]
+
+    def pem(self) -> bytes:
+        return self.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption())
+
+    def public_pem(self) -> bytes:
+        return self.private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def generate_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def ensure_dev_keys(directory: Path) -> SigningKey:
+    """Load the dev key pair under `directory`, creating it (and its JWKS) when missing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path = directory / PRIVATE_KEY_FILE
+    if key_path.exists():
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{key_path} is not an RSA private key")
+    else:
+        key = generate_key()
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(SigningKey(key, directory).pem())
+    signing = SigningKey(key, directory)
+    jwks = json.dumps({"keys": [public_jwk(key)]}, indent=2) + "\n"
+    if not signing.jwks_path.exists() or signing.jwks_path.read_text() != jwks:
+        signing.jwks_path.write_text(jwks)
+    return signing
+
+
+def mint_token(key: SigningKey, sub: str, *, ttl_s: int = 3600, tier: str | None = None,
+               issuer: str = DEV_ISSUER, audience: str = DEV_AUDIENCE, now: float | None = None,
+               extra: dict[str, object] | None = None) -> str:
+    """An RS256 JWT for `sub`, valid for `ttl_s` seconds (the gateway caps the lifetime)."""
+    if not sub:
+        raise ValueError("sub must not be empty: it is the API key the gateway rate-limits by")
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+    iat = int(time.time() if now is None else now)
+    claims: dict[str, object] = {"iss": issuer, "aud": audience, "sub": sub, "iat": iat, "exp": iat + ttl_s}
+    if tier:
+        claims["tier"] = tier
+    claims.update(extra or {})
+    return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid})

