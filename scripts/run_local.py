@@ -145,7 +145,7 @@ def start_gateway(port: int, admin_port: int, endpoints: dict[str, list[str]],
     path = files / "envoy.yaml"
     path.write_text(config)
     proc = subprocess.Popen([gateway_render.envoy_binary(), "-c", str(path), "--disable-hot-restart",
-                             "--log-level", "warn"], cwd=ROOT)
+                             "--log-level", "warn", "--file-flush-interval-msec", "1000"], cwd=ROOT)
     procs.append(proc)
     hosts = sum(len(v) for v in endpoints.values())
     deadline = time.monotonic() + timeout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,3 +143,98 @@ class ServiceProcess:
             rc = self.proc.wait()
         self.proc = None
         return rc
+
+
+@dataclass
+class GatewayProcess:
+    """The real Envoy gateway (local variant) on free ports in front of the given upstream endpoints.
+
+    `endpoints` maps a service name (services.yaml) to its `host:port` replicas. The JWKS and
+    the descriptor set are copied into a private directory; the JSON access log goes there too.
+    """
+
+    endpoints: dict[str, list[str]]
+    jwks_path: Path
+    overrides: dict = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    admin_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gateway-")))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.workdir / "access.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "envoy.yaml"
+
+    def render(self) -> str:
+        from mlplatform_gateway import render
+        from mlplatform_gateway.render import deep_merge
+
+        shutil.copyfile(ROOT / "protos" / "gen" / "descriptors.pb", self.workdir / "descriptors.pb")
+        shutil.copyfile(self.jwks_path, self.workdir / "jwks.json")
+        base = {"files_dir": str(self.workdir), "listener": {"port": self.port}, "admin": {"port": self.admin_port},
+                "upstreams": {"endpoints": self.endpoints}, "access_log": {"path": str(self.access_log_path)}}
+        return render.render("local", deep_merge(base, self.overrides))
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        from mlplatform_gateway.render import envoy_binary
+
+        self.config_path.write_text(self.render())
+        log = (self.workdir / "envoy.log").open("w")
+        self.proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", "--log-level", "warn",
+             "--file-flush-interval-msec", "200"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.wait_healthy(sum(len(v) for v in self.endpoints.values()), timeout)
+        return self
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as resp:
+            return resp.read().decode()
+
+    def healthy_hosts(self, cluster: str | None = None) -> int:
+        lines = self.admin("/clusters").splitlines()
+        return sum(1 for line in lines if line.endswith("::health_flags::healthy")
+                   and (cluster is None or line.startswith(f"{cluster}::")))
+
+    def wait_healthy(self, hosts: int, timeout: float = 30.0, cluster: str | None = None) -> None:
+        """Until Envoy is LIVE and exactly `hosts` upstream hosts pass their health checks."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if self.admin("/ready").strip() == "LIVE" and self.healthy_hosts(cluster) == hosts:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"gateway: {hosts} healthy hosts not reached after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        path = self.workdir / "envoy.log"
+        return path.read_text() if path.exists() else ""
+
+    def access_log(self) -> list[dict]:
+        """The JSON access log lines written so far."""
+        if not self.access_log_path.exists():
+            return []
+        return [json.loads(line) for line in self.access_log_path.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None

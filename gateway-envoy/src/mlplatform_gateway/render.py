@@ -132,8 +132,7 @@ def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> s
     rate_limit = values["rate_limit"]
     if rate_limit.get("share_across_gateway_replicas") and not rate_limit.get("gateway_peers"):
         raise GatewayConfigError("rate_limit.share_across_gateway_replicas needs rate_limit.gateway_peers")
-    if "standard" not in rate_limit["tiers"]:
-        rate_limit["tiers"] = {"standard": rate_limit["requests_per_minute"], **rate_limit["tiers"]}
+    rate_limit["tiers"] = {"standard": rate_limit["requests_per_minute"], **rate_limit["tiers"]}
     context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values)}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(_package_text("envoy.yaml.j2")).render(**context)

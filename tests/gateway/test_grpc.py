@@ -1,0 +1,93 @@
+"""Native gRPC through the gateway's single port: unary, batch and the bidi stream, token in metadata."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+from fraud.v1 import fraud_pb2 as pb
+from fraud.v1 import fraud_pb2_grpc as rpc
+
+from tests.gateway.helpers import bearer, rpc_error
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def direct(fraud_service):
+    with grpc.insecure_channel(fraud_service.target) as channel:
+        yield rpc.FraudServiceStub(channel)
+
+
+@pytest.fixture
+def stub(gateway_channel):
+    return rpc.FraudServiceStub(gateway_channel)
+
+
+def tx(tid: str, features) -> pb.Transaction:
+    return pb.Transaction(transaction_id=tid, features=features)
+
+
+def test_unary_matches_direct(stub, direct, token, fraud_features):
+    req = pb.PredictRequest(transaction=tx("g-1", fraud_features[5]))
+    via_gateway = stub.Predict(req, metadata=bearer(token()), timeout=5).prediction
+    straight = direct.Predict(req, timeout=5).prediction
+    assert via_gateway.transaction_id == "g-1"
+    assert via_gateway.fraud_probability == pytest.approx(straight.fraud_probability, rel=1e-6)
+    assert via_gateway.is_fraud == straight.is_fraud
+
+
+def test_service_errors_pass_through_with_their_status(stub, token):
+    err = rpc_error(stub.Predict, pb.PredictRequest(transaction=tx("g-bad", [0.5] * 3)),
+                    metadata=bearer(token()), timeout=5)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "transaction.features: expected 30 values, got 3"
+
+
+def test_batch_matches_direct(stub, direct, token, fraud_features):
+    req = pb.PredictBatchRequest(transactions=[tx(f"gb{i}", f) for i, f in enumerate(fraud_features[:8])])
+    via_gateway = stub.PredictBatch(req, metadata=bearer(token()), timeout=5)
+    straight = direct.PredictBatch(req, timeout=5)
+    assert [r.prediction.transaction_id for r in via_gateway.results] == [f"gb{i}" for i in range(8)]
+    assert [r.prediction.fraud_probability for r in via_gateway.results] == pytest.approx(
+        [r.prediction.fraud_probability for r in straight.results], rel=1e-6)
+
+
+def test_bidi_stream_answers_in_order_with_per_message_errors(stub, direct, token, fraud_features):
+    rows = fraud_features[:10]
+    messages = [pb.PredictRequest(transaction=tx(f"s{i}", f)) for i, f in enumerate(rows)]
+    messages.insert(4, pb.PredictRequest(transaction=tx("s-bad", [1.0])))
+    results = list(stub.StreamPredict(iter(messages), metadata=bearer(token()), timeout=10))
+    assert len(results) == len(messages)
+    assert results[4].WhichOneof("outcome") == "error"
+    assert results[4].error.index == 4 and results[4].error.code == "INVALID_ARGUMENT"
+    good = [r.prediction for i, r in enumerate(results) if i != 4]
+    assert [p.transaction_id for p in good] == [f"s{i}" for i in range(10)]
+    want = direct.PredictBatch(pb.PredictBatchRequest(transactions=[tx(f"s{i}", f) for i, f in enumerate(rows)]))
+    assert [p.fraud_probability for p in good] == pytest.approx(
+        [r.prediction.fraud_probability for r in want.results], rel=1e-6)
+
+
+def test_bidi_stream_is_interactive_through_the_gateway(stub, token, fraud_features):
+    """Each answer arrives before the next message is sent: the gateway does not buffer the stream."""
+    sent = threading.Semaphore(0)
+    received = []
+
+    def requests():
+        for i in range(5):
+            yield pb.PredictRequest(transaction=tx(f"i{i}", fraud_features[i]))
+            # Wait for the answer to this message before sending the next one.
+            assert sent.acquire(timeout=5), f"no answer to message {i} within 5 s"
+
+    for result in stub.StreamPredict(requests(), metadata=bearer(token()), timeout=30):
+        received.append(result.prediction.transaction_id)
+        sent.release()
+    assert received == [f"i{i}" for i in range(5)]
+
+
+def test_reflection_and_oip_are_not_exposed_through_the_gateway(stub, gateway_channel, token):
+    """Only the typed services are routed; internal surfaces stay on the services' own ports."""
+    unknown = gateway_channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+    err = rpc_error(unknown, b"", metadata=bearer(token()), timeout=5)
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
