@@ -1,0 +1,214 @@
+"""The gateway config: every variant renders and Envoy itself accepts it; the renderer's pure logic."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt
+import pytest
+import yaml
+from mlplatform_gateway import auth, render
+from mlplatform_gateway.__main__ import parse_set, prepare_files_dir
+
+from tests.support.procs import ROOT
+
+
+@pytest.fixture(scope="module")
+def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("gateway-files")
+    return prepare_files_dir(d, d / "keys")
+
+
+def listener_filters(config: dict) -> list[str]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return [f["name"] for f in hcm["http_filters"]]
+
+
+def clusters(config: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+@pytest.mark.parametrize("variant", render.VARIANTS)
+def test_every_variant_is_accepted_by_envoy(variant, files_dir, tmp_path):
+    """`envoy --mode validate` on each rendered variant; containers' /etc/envoy is pointed at local copies."""
+    path = tmp_path / f"envoy-{variant}.yaml"
+    path.write_text(render.render(variant, {"files_dir": str(files_dir)}))
+    render.validate(path)
+
+
+def test_validate_reports_envoys_own_error(files_dir, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text(render.render("local", {"files_dir": str(files_dir)}).replace("max_dynamic_descriptors",
+                                                                                  "max_dynamic_descriptorz"))
+    with pytest.raises(render.GatewayConfigError, match="max_dynamic_descriptorz"):
+        render.validate(path)
+
+
+def test_the_filter_chain_is_the_same_in_every_variant(files_dir):
+    chains = {v: listener_filters(yaml.safe_load(render.render(v, {"files_dir": str(files_dir)})))
+              for v in render.VARIANTS}
+    assert chains["local"] == [
+        "envoy.filters.http.health_check", "envoy.filters.http.header_mutation", "envoy.filters.http.jwt_authn",
+        "envoy.filters.http.buffer", "envoy.filters.http.grpc_json_transcoder", "envoy.filters.http.local_ratelimit",
+        "envoy.filters.http.router"]
+    assert chains["compose"] == chains["local"] == chains["k8s"]
+
+
+def test_variants_differ_in_addresses_jwks_and_limit_sharing(files_dir):
+    local, compose, k8s = (yaml.safe_load(render.render(v, {"files_dir": str(files_dir)})) for v in render.VARIANTS)
+    addr = lambda cfg: cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["address"]  # noqa: E731
+    assert (addr(local), addr(compose), addr(k8s)) == ("127.0.0.1", "0.0.0.0", "0.0.0.0")
+    for cfg in (local, compose, k8s):
+        assert cfg["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"  # admin on loopback only
+
+    def endpoint(cfg: dict) -> tuple[str, int]:
+        ep = clusters(cfg)["fraud"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        sock = ep["address"]["socket_address"]
+        return sock["address"], sock["port_value"]
+
+    assert endpoint(local) == ("127.0.0.1", 50051) and clusters(local)["fraud"]["type"] == "STATIC"
+    assert endpoint(compose) == ("fraud", 50051) and clusters(compose)["fraud"]["type"] == "STRICT_DNS"
+    assert endpoint(k8s) == ("fraud-headless.mlplatform.svc.cluster.local", 50051)
+    provider = lambda cfg: _jwt_provider(cfg)  # noqa: E731
+    assert provider(local)["local_jwks"] == {"filename": f"{files_dir}/jwks.json"}
+    assert provider(k8s)["remote_jwks"]["http_uri"]["uri"] == "https://auth.example.com/.well-known/jwks.json"
+    assert "jwks" in clusters(k8s) and "transport_socket" in clusters(k8s)["jwks"]
+    assert k8s["cluster_manager"]["local_cluster_name"] == "gateway_peers"
+    assert "local_cluster_name" not in local.get("cluster_manager", {})
+
+
+def _jwt_provider(cfg: dict) -> dict:
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    jwt_filter = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.jwt_authn")
+    return jwt_filter["typed_config"]["providers"]["mlplatform"]
+
+
+def test_security_settings_of_the_jwt_provider(files_dir):
+    p = _jwt_provider(yaml.safe_load(render.render("local", {"files_dir": str(files_dir)})))
+    assert p["from_headers"] == [{"name": "Authorization", "value_prefix": "Bearer "}]
+    assert "from_params" not in p  # no ?access_token=
+    assert p["require_expiration"] is True and p["max_lifetime"] == "86400s"
+    assert p["forward"] is False
+    assert (p["issuer"], p["audiences"]) == ("mlplatform-dev", ["mlplatform-api"])
+
+
+def test_upstream_cluster_health_and_resilience_settings(files_dir):
+    c = clusters(yaml.safe_load(render.render("local", {"files_dir": str(files_dir)})))["fraud"]
+    hc = c["health_checks"][0]
+    assert hc["grpc_health_check"] == {"service_name": "fraud.v1.FraudService"}
+    assert hc["no_traffic_interval"] == hc["interval"] == "1s"
+    assert c["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+    assert c["outlier_detection"]["consecutive_gateway_failure"] == 3
+    assert c["circuit_breakers"]["thresholds"][0]["max_requests"] == 4096
+    http2 = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in http2["explicit_http_config"]
+
+
+def test_streaming_routes_have_no_overall_timeout(files_dir):
+    cfg = yaml.safe_load(render.render("local", {"files_dir": str(files_dir)}))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    routes = {json.dumps(r["match"]): r["route"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    stream = routes['{"path": "/fraud.v1.FraudService/StreamPredict"}']
+    unary = routes['{"prefix": "/fraud.v1.FraudService/"}']
+    assert stream["timeout"] == "0s" and stream["idle_timeout"] == "300s"
+    assert unary["timeout"] == "15s" and unary["retry_policy"]["per_try_timeout"] == "5s"
+    assert "unavailable" in unary["retry_policy"]["retry_on"]
+
+
+def test_replica_endpoints_and_tracing_overrides(files_dir):
+    cfg = yaml.safe_load(render.render("local", {
+        "files_dir": str(files_dir),
+        "upstreams": {"endpoints": {"fraud": ["127.0.0.1:6001", "127.0.0.1:6002"]}},
+        "tracing": {"otlp_endpoint": "http://collector:4317"},
+    }))
+    eps = clusters(cfg)["fraud"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in eps] == [6001, 6002]
+    collector = clusters(cfg)["otel_collector"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert collector["endpoint"]["address"]["socket_address"] == {"address": "collector", "port_value": 4317}
+
+
+def test_tracing_is_off_without_an_endpoint(files_dir, monkeypatch):
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    cfg = yaml.safe_load(render.render("local", {"files_dir": str(files_dir)}))
+    assert "otel_collector" not in clusters(cfg)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    assert "otel_collector" in clusters(yaml.safe_load(render.render("local", {"files_dir": str(files_dir)})))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"files_dir": None}, "files_dir is not set"),
+    ({"rate_limit": {"methods": {"nope.v1.Nope/Predict": {"standard": 1}}}}, "unknown services"),
+    ({"auth": {"jwks": {"file": None, "uri": "ftp://x/jwks"}}}, "http(s) URL"),
+    ({"auth": {"issuer": ""}}, "auth.issuer"),
+    ({"rate_limit": {"share_across_gateway_replicas": True}}, "gateway_peers"),
+])
+def test_bad_values_are_refused_with_a_reason(files_dir, overrides, message):
+    with pytest.raises(render.GatewayConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        render.render("local", {"files_dir": str(files_dir), **overrides})
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(render.GatewayConfigError, match="unknown variant 'prod'"):
+        render.load_values("prod")
+
+
+def test_deep_merge_and_set_parsing():
+    assert render.deep_merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"b": 3}, "d": [2]}) == {
+        "a": {"b": 3, "c": 2}, "d": [2]}
+    assert parse_set(["rate_limit.requests_per_minute=50", "upstreams.endpoints.fraud=[a:1, b:2]"]) == {
+        "rate_limit": {"requests_per_minute": 50}, "upstreams": {"endpoints": {"fraud": ["a:1", "b:2"]}}}
+    with pytest.raises(SystemExit):
+        parse_set(["novalue"])
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("10.0.0.1:50051", ("10.0.0.1", 50051)), ("fraud", ("fraud", 7)), ("http://otel:4317", ("otel", 4317)),
+    ("https://otel", ("otel", 7)),
+])
+def test_parse_endpoint(value, expected):
+    assert render.parse_endpoint(value, 7) == expected
+
+
+def test_dev_keys_are_private_stable_and_published_as_jwks(tmp_path):
+    key = auth.ensure_dev_keys(tmp_path)
+    mode = stat.S_IMODE(os.stat(tmp_path / auth.PRIVATE_KEY_FILE).st_mode)
+    assert mode == 0o600
+    assert auth.ensure_dev_keys(tmp_path).kid == key.kid  # reused, not regenerated
+    jwks = json.loads(key.jwks_path.read_text())
+    assert jwks["keys"] == [auth.public_jwk(key.private_key)]
+    assert "d" not in jwks["keys"][0]  # no private part
+
+
+def test_minted_token_carries_the_claims_the_gateway_checks(tmp_path):
+    key = auth.ensure_dev_keys(tmp_path)
+    token = auth.mint_token(key, "alice", ttl_s=120, tier="pro", now=1_000_000)
+    assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": key.kid, "typ": "JWT"}
+    claims = jwt.decode(token, key.private_key.public_key(), algorithms=["RS256"], audience="mlplatform-api",
+                        options={"verify_exp": False})
+    assert claims == {"iss": "mlplatform-dev", "aud": "mlplatform-api", "sub": "alice", "tier": "pro",
+                      "iat": 1_000_000, "exp": 1_000_120}
+    with pytest.raises(ValueError, match="sub"):
+        auth.mint_token(key, "")
+    with pytest.raises(ValueError, match="ttl_s"):
+        auth.mint_token(key, "bob", ttl_s=0)
+
+
+def test_cli_renders_validates_and_prints_tokens(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "k8s.yaml"
+    proc = subprocess.run([sys.executable, "-m", "mlplatform_gateway", "--key-dir", str(tmp_path / "keys"),
+                           "render", "--variant", "k8s", "--validate", "--out", str(out),
+                           "--set", "rate_limit.requests_per_minute=60"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "envoy accepts the k8s config" in proc.stderr
+    assert "/etc/envoy/descriptors.pb" in out.read_text()
+    assert "max_tokens: 60," in out.read_text()
+    token = subprocess.run([sys.executable, "-m", "mlplatform_gateway", "--key-dir", str(tmp_path / "keys"),
+                            "token", "--sub", "carol"], capture_output=True, text=True, timeout=30, check=True)
+    assert jwt.decode(token.stdout.strip(), options={"verify_signature": False})["sub"] == "carol"
