@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import re
-import threading
 import time
 import urllib.request
-from concurrent import futures
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.fraud.helpers import perturb, predict_request, stub
-from tests.support.procs import ServiceProcess, free_port
+from tests.support.otlp import OtlpCollector
+from tests.support.procs import ServiceProcess
 
 pytestmark = pytest.mark.integration
 
@@ -64,32 +62,11 @@ def test_metrics_count_requests_by_status_and_cache(fraud_service, fraud_rows):
     assert "Check" not in re.findall(r'method="([^"]+)"', after)
 
 
-class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """A real OTLP/gRPC trace receiver on loopback that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        self.spans: list = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self.lock:
-            for rs in request.resource_spans:
-                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
-                for ss in rs.scope_spans:
-                    self.spans += [(service, s) for s in ss.spans]
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 def test_traces_continue_the_callers_traceparent(model_repository, fraud_rows):
-    collector = _Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
+    collector = OtlpCollector().start()
     svc = ServiceProcess("fraud_service", "FRAUD_", env={
         "FRAUD_MODEL_REPOSITORY": str(model_repository),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     }).start()
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -108,7 +85,7 @@ def test_traces_continue_the_callers_traceparent(model_repository, fraud_rows):
             time.sleep(0.1)
     finally:
         svc.stop()
-        server.stop(0)
+        collector.stop()
     by_name = {s.name: s for s in ours}
     rpc = by_name["/fraud.v1.FraudService/Predict"]
     assert rpc.parent_span_id.hex() == parent_id  # the caller's trace is continued
