@@ -153,7 +153,8 @@ def start_gateway(port: int, admin_port: int, endpoints: dict[str, list[str]],
         if proc.poll() is not None:
             raise SystemExit(f"gateway: envoy exited with code {proc.returncode} (config: {path})")
         try:
-            healthy = admin_get(admin_port, "/clusters").count("::health_flags::healthy")
+            healthy = sum(1 for line in admin_get(admin_port, "/clusters").splitlines()
+                          if line.endswith("::health_flags::healthy") and line.split("::")[0] in endpoints)
             if admin_get(admin_port, "/ready").strip() == "LIVE" and healthy == hosts:
                 print(f"gateway: Envoy on 127.0.0.1:{port} (admin 127.0.0.1:{admin_port}), "
                       f"{healthy}/{hosts} upstream hosts healthy")

@@ -193,7 +193,8 @@ class GatewayProcess:
              "--file-flush-interval-msec", "200"],
             stdout=log, stderr=subprocess.STDOUT,
         )
-        self.wait_healthy(sum(len(v) for v in self.endpoints.values()), timeout)
+        for cluster, hosts in self.endpoints.items():
+            self.wait_healthy(len(hosts), timeout, cluster=cluster)
         return self
 
     def admin(self, path: str) -> str:
