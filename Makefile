@@ -15,7 +15,7 @@ help:
 	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
-	@echo "make bench   - latency of sequential fraud Predict calls -> bench/results/"
+	@echo "make bench   - fraud Predict latency, and the gateway's overhead (direct vs Envoy) -> bench/results/"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make lint    - ruff"
@@ -68,6 +68,7 @@ lint: setup
 
 bench: setup models
 	$(BIN)/python bench/fraud_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/gateway_latency.py --model-repository $(MODELS)
 
 constraints: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.tmp && mv constraints.tmp constraints.txt
