@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
+import yaml
 from fraud.v1 import fraud_pb2 as pb
 from fraud.v1 import fraud_pb2_grpc as rpc
 
@@ -91,3 +93,34 @@ def test_reflection_and_oip_are_not_exposed_through_the_gateway(stub, gateway_ch
     unknown = gateway_channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
     err = rpc_error(unknown, b"", metadata=bearer(token()), timeout=5)
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_long_streams_outlive_the_unary_timeout(fraud_service, signing_key, fraud_features):
+    """With a 1 s unary timeout, a 2.5 s bidi stream is not cut (streams have an idle timeout instead)."""
+    from mlplatform_gateway import auth
+
+    from tests.support.procs import GatewayProcess
+
+    gw = GatewayProcess({"fraud": [fraud_service.target]}, signing_key.jwks_path,
+                        overrides={"timeouts": {"unary_s": 1, "per_try_s": 1}}).start()
+    try:
+        key = auth.mint_token(signing_key, "long-stream")
+
+        def slow_requests():
+            for i in range(6):
+                yield pb.PredictRequest(transaction=tx(f"l{i}", fraud_features[i]))
+                time.sleep(0.5)
+
+        with grpc.insecure_channel(gw.target) as channel:
+            stub = rpc.FraudServiceStub(channel)
+            start = time.monotonic()
+            results = list(stub.StreamPredict(slow_requests(), metadata=bearer(key), timeout=30))
+            assert time.monotonic() - start > 2.5
+        assert [r.prediction.transaction_id for r in results] == [f"l{i}" for i in range(6)]
+        config = yaml.safe_load(gw.config_path.read_text())
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        timeouts = {r["match"].get("path") or r["match"]["prefix"]: r["route"]["timeout"]
+                    for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+        assert timeouts == {"/fraud.v1.FraudService/StreamPredict": "0s", "/fraud.v1.FraudService/": "1s"}
+    finally:
+        gw.stop()

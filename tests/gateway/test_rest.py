@@ -147,3 +147,12 @@ def test_access_log_is_json_lines_with_the_verified_key(gateway, token, fraud_fe
     assert entry["path"] == "/api/v1/fraud" and entry["grpc_method"] == "/fraud.v1.FraudService/Predict"
     assert entry["status"] == 200 and entry["upstream_cluster"] == "fraud"
     assert isinstance(entry["duration_ms"], int)
+
+
+def test_grpc_status_maps_to_the_matching_http_status(gateway, token, fraud_features):
+    """NOT_FOUND from the service (unknown model version) is a 404 with the service's message."""
+    resp = post(gateway, "/api/v1/fraud", {"transaction": {"features": fraud_features[0]}, "model_version": "7"},
+                token=token())
+    assert resp.status == 404
+    err = resp.json()
+    assert err["code"] == 5 and "7" in err["message"]
