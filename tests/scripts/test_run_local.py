@@ -69,3 +69,20 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_run_local_puts_replicas_behind_the_gateway(model_repository):
+    grpc_port, metrics_port, gateway_port, admin_port = free_port(), free_port(), free_port(), free_port()
+    env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
+           "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
+         "--redis-port", str(free_port()), "--replicas", "2", "--no-wait"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"fraud: SERVING on 127.0.0.1:{grpc_port}" in out
+    assert f"fraud[1]: SERVING on 127.0.0.1:{grpc_port + 100} (metrics :{metrics_port + 100})" in out
+    assert "2/2 upstream hosts healthy" in out
+    assert "stopped." in out
