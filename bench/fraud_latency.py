@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import urllib.request
@@ -28,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import machine  # noqa: E402
 from tests.support.procs import RedisServer, ServiceProcess  # noqa: E402
 
 
@@ -35,16 +34,6 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
     ms = np.asarray(samples_s) * 1000
     return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": len(ms)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def concurrent_run(args: argparse.Namespace, x: np.ndarray, delay_ms: float, concurrency: int, calls: int
@@ -131,7 +120,7 @@ def main() -> int:
     x, _ = generate_dataset(max(args.calls + args.warmup, args.concurrent_calls) + 10, seed=99)
     x = x.astype(np.float32)
     results: dict[str, object] = {"calls": args.calls, "machine": {
-        "cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version()}}
+        **machine()}}
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = so.inter_op_num_threads = 1

@@ -25,7 +25,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -44,20 +43,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import machine  # noqa: E402
 from tests.support.procs import GatewayProcess, ServiceProcess  # noqa: E402
 
 MODES = ("grpc_direct", "grpc_gateway", "rest_gateway")
 REST_PATH = "/api/v1/fraud"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def process_cpu_s(pid: int) -> float:
@@ -270,7 +260,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "calls": args.rounds * (args.calls // args.rounds), "warmup": args.warmup, "rounds": args.rounds,
         "cache": "off",
-        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
+        "machine": {**machine(),
                     "envoy": envoy_version(envoy_binary())},
         "runs": {},
     }
