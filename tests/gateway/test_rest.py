@@ -156,3 +156,11 @@ def test_grpc_status_maps_to_the_matching_http_status(gateway, token, fraud_feat
     assert resp.status == 404
     err = resp.json()
     assert err["code"] == 5 and "7" in err["message"]
+
+
+def test_unknown_json_fields_are_dropped_and_the_answer_says_which_version_served(gateway, token, fraud_features):
+    """proto3 JSON semantics (documented): a misspelt optional field is ignored, never silently obeyed."""
+    resp = post(gateway, "/api/v1/fraud", {"transaction": {"features": fraud_features[0]}, "model_versoin": "2"},
+                token=token())
+    assert resp.status == 200
+    assert resp.json()["prediction"]["model_version"] == "1"
