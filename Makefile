@@ -51,7 +51,8 @@ run: setup models
 # A dev JWT for the gateway, signed with the local dev key (.dev/gateway/, created if missing).
 SUB ?= dev-user
 TIER ?=
-token: setup
+token:
+	@$(MAKE) --no-print-directory -s setup >&2  # only the token on stdout: TOKEN=$$(make -s token)
 	@$(BIN)/python -m mlplatform_gateway token --sub '$(SUB)' $(if $(TIER),--tier '$(TIER)')
 
 VARIANT ?= local
