@@ -20,15 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlplatform_gateway import auth
-from mlplatform_gateway import render as gateway_render
-from mlplatform_gateway.__main__ import DEFAULT_KEY_DIR, prepare_files_dir
+from mlplatform_gateway import local as gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -126,26 +124,14 @@ def start_service(svc: Service, replica: int, repo: Path, redis_url: str | None,
     return grpc_port
 
 
-def admin_get(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
-        return resp.read().decode()
-
-
 def start_gateway(port: int, admin_port: int, endpoints: dict[str, list[str]],
                   procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
     """Render the local gateway config, start Envoy, wait until every upstream host is healthy."""
-    files = prepare_files_dir(ROOT / ".run" / "gateway", DEFAULT_KEY_DIR)
-    config = gateway_render.render("local", {
-        "files_dir": str(files),
-        "listener": {"port": port},
-        "admin": {"port": admin_port},
-        "upstreams": {"endpoints": endpoints},
-        "access_log": {"path": str(files / "access.log")},
-    })
+    jwks = auth.ensure_dev_keys(gateway.DEFAULT_KEY_DIR).jwks_path
+    files = gateway.prepare_files_dir(ROOT / ".run" / "gateway", jwks)
     path = files / "envoy.yaml"
-    path.write_text(config)
-    proc = subprocess.Popen([gateway_render.envoy_binary(), "-c", str(path), "--disable-hot-restart",
-                             "--log-level", "warn", "--file-flush-interval-msec", "1000"], cwd=ROOT)
+    path.write_text(gateway.render_local(files, port, admin_port, endpoints, files / "access.log"))
+    proc = subprocess.Popen(gateway.envoy_command(path), cwd=ROOT)
     procs.append(proc)
     hosts = sum(len(v) for v in endpoints.values())
     deadline = time.monotonic() + timeout
@@ -153,9 +139,8 @@ def start_gateway(port: int, admin_port: int, endpoints: dict[str, list[str]],
         if proc.poll() is not None:
             raise SystemExit(f"gateway: envoy exited with code {proc.returncode} (config: {path})")
         try:
-            healthy = sum(1 for line in admin_get(admin_port, "/clusters").splitlines()
-                          if line.endswith("::health_flags::healthy") and line.split("::")[0] in endpoints)
-            if admin_get(admin_port, "/ready").strip() == "LIVE" and healthy == hosts:
+            healthy = gateway.healthy_hosts(admin_port, endpoints)
+            if gateway.is_live(admin_port) and healthy == hosts:
                 print(f"gateway: Envoy on 127.0.0.1:{port} (admin 127.0.0.1:{admin_port}), "
                       f"{healthy}/{hosts} upstream hosts healthy")
                 return
@@ -169,7 +154,7 @@ def usage(repo: Path, fraud: Service, gateway_port: int, admin_port: int) -> str
     sample = json.loads((repo / "fraud" / "1" / "sample.json").read_text())
     features = sample["rows"][0]["features"]
     payload = json.dumps({"transaction": {"transaction_id": "tx-1", "features": features}})
-    token = auth.mint_token(auth.ensure_dev_keys(DEFAULT_KEY_DIR), "dev-user")
+    token = auth.mint_token(auth.ensure_dev_keys(gateway.DEFAULT_KEY_DIR), "dev-user")
     return f"""
 The platform is up. Call it:
 

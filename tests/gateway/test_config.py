@@ -13,7 +13,8 @@ import jwt
 import pytest
 import yaml
 from mlplatform_gateway import auth, render
-from mlplatform_gateway.__main__ import parse_set, prepare_files_dir
+from mlplatform_gateway.__main__ import parse_set
+from mlplatform_gateway.local import prepare_files_dir
 
 from tests.support.procs import ROOT
 
@@ -21,7 +22,7 @@ from tests.support.procs import ROOT
 @pytest.fixture(scope="module")
 def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("gateway-files")
-    return prepare_files_dir(d, d / "keys")
+    return prepare_files_dir(d, auth.ensure_dev_keys(d / "keys").jwks_path)
 
 
 def listener_filters(config: dict) -> list[str]:

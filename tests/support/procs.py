@@ -11,12 +11,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mlplatform_gateway import local as gateway_local
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,37 +174,24 @@ class GatewayProcess:
         return self.workdir / "envoy.yaml"
 
     def render(self) -> str:
-        from mlplatform_gateway import render
-        from mlplatform_gateway.render import deep_merge
-
-        shutil.copyfile(ROOT / "protos" / "gen" / "descriptors.pb", self.workdir / "descriptors.pb")
-        shutil.copyfile(self.jwks_path, self.workdir / "jwks.json")
-        base = {"files_dir": str(self.workdir), "listener": {"port": self.port}, "admin": {"port": self.admin_port},
-                "upstreams": {"endpoints": self.endpoints}, "access_log": {"path": str(self.access_log_path)}}
-        return render.render("local", deep_merge(base, self.overrides))
+        gateway_local.prepare_files_dir(self.workdir, self.jwks_path)
+        return gateway_local.render_local(self.workdir, self.port, self.admin_port, self.endpoints,
+                                          self.access_log_path, self.overrides)
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
-        from mlplatform_gateway.render import envoy_binary
-
         self.config_path.write_text(self.render())
         log = (self.workdir / "envoy.log").open("w")
-        self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config_path), "--disable-hot-restart", "--log-level", "warn",
-             "--file-flush-interval-msec", "200"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(gateway_local.envoy_command(self.config_path, log_flush_ms=200),
+                                     stdout=log, stderr=subprocess.STDOUT)
         for cluster, hosts in self.endpoints.items():
             self.wait_healthy(len(hosts), timeout, cluster=cluster)
         return self
 
     def admin(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as resp:
-            return resp.read().decode()
+        return gateway_local.admin_get(self.admin_port, path)
 
     def healthy_hosts(self, cluster: str | None = None) -> int:
-        lines = self.admin("/clusters").splitlines()
-        return sum(1 for line in lines if line.endswith("::health_flags::healthy")
-                   and (cluster is None or line.startswith(f"{cluster}::")))
+        return gateway_local.healthy_hosts(self.admin_port, None if cluster is None else {cluster})
 
     def wait_healthy(self, hosts: int, timeout: float = 30.0, cluster: str | None = None) -> None:
         """Until Envoy is LIVE and exactly `hosts` upstream hosts pass their health checks."""
@@ -213,7 +200,7 @@ class GatewayProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.logs()}")
             try:
-                if self.admin("/ready").strip() == "LIVE" and self.healthy_hosts(cluster) == hosts:
+                if gateway_local.is_live(self.admin_port) and self.healthy_hosts(cluster) == hosts:
                     return
             except OSError:
                 pass

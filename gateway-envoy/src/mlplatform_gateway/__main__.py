@@ -1,14 +1,14 @@
 """`python -m mlplatform_gateway`: render and validate configs, make dev keys, print tokens.
 
   render  --variant local|compose|k8s [--files-dir D] [--set key.path=value ...] [--out F] [--validate]
-  keys    --dir D                      create (or keep) the dev signing key and its JWKS
-  token   --dir D --sub NAME [--tier T] [--ttl S]   print a signed RS256 token
+  keys                                 create (or keep) the dev signing key and its JWKS
+  token   --sub NAME [--tier T] [--ttl S]   print a signed RS256 token
+(`--key-dir D` before the command picks the dev key directory; default .dev/gateway)
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,10 +17,7 @@ from typing import Any
 import yaml
 
 from mlplatform_gateway import auth, render
-
-ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_KEY_DIR = ROOT / ".dev" / "gateway"
-DESCRIPTORS = ROOT / "protos" / "gen" / "descriptors.pb"
+from mlplatform_gateway.local import DEFAULT_KEY_DIR, ROOT, prepare_files_dir
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -38,16 +35,9 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def prepare_files_dir(directory: Path, key_dir: Path, descriptors: Path = DESCRIPTORS) -> Path:
-    """Put descriptors.pb and the dev jwks.json side by side in `directory` (the config's files_dir)."""
-    if not descriptors.exists():
-        raise SystemExit(f"{descriptors} is missing: run `make protos`")
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(descriptors, directory / "descriptors.pb")
-    key = auth.ensure_dev_keys(key_dir)
-    if key.jwks_path.parent.resolve() != directory.resolve():
-        shutil.copyfile(key.jwks_path, directory / auth.JWKS_FILE)
-    return directory
+def dev_jwks(key_dir: Path) -> Path:
+    """The dev key's JWKS file, creating the key when missing."""
+    return auth.ensure_dev_keys(key_dir).jwks_path
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -55,7 +45,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.files_dir:
         overrides["files_dir"] = str(args.files_dir)
     elif args.variant == "local":
-        overrides["files_dir"] = str(prepare_files_dir(ROOT / ".run" / "gateway", args.key_dir))
+        overrides["files_dir"] = str(prepare_files_dir(ROOT / ".run" / "gateway", dev_jwks(args.key_dir)))
     text = render.render(args.variant, overrides)
     if args.validate:
         with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +53,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             files = Path(check["files_dir"])
             if not files.exists():
                 # Containers read /etc/envoy; check the same config against local copies.
-                files = prepare_files_dir(Path(tmp) / "files", args.key_dir)
+                files = prepare_files_dir(Path(tmp) / "files", dev_jwks(args.key_dir))
                 text_for_check = render.render(args.variant, {**overrides, "files_dir": str(files)})
             else:
                 text_for_check = text
