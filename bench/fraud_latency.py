@@ -26,14 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine  # noqa: E402
+from bench.report import machine, percentiles  # noqa: E402
 from tests.support.procs import RedisServer, ServiceProcess  # noqa: E402
-
-
-def percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(samples_s) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": len(ms)}
 
 
 def concurrent_run(args: argparse.Namespace, x: np.ndarray, delay_ms: float, concurrency: int, calls: int

@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine  # noqa: E402
+from bench.report import machine, percentiles  # noqa: E402
 from tests.support.procs import GatewayProcess, ServiceProcess  # noqa: E402
 
 MODES = ("grpc_direct", "grpc_gateway", "rest_gateway")
@@ -164,10 +164,8 @@ def closed_loop(call: Callable[[int, int], float], work: Workload, start: int, n
 
 
 def summarize(latencies: list[float], wall_s: float, cpu_s: dict[str, float]) -> dict[str, float]:
-    ms = np.asarray(latencies) * 1000
-    n = len(ms)
-    out = {"n": n, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-           "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "rps": n / wall_s}
+    n = len(latencies)
+    out = {**percentiles(latencies), "rps": n / wall_s}
     out.update({f"cpu_us_per_req_{name}": s / n * 1e6 for name, s in cpu_s.items()})
     return out
 
