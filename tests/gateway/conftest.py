@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fraud.v1 import fraud_pb2_grpc as rpc
 from mlplatform_gateway import auth
 
 from tests.support.procs import GatewayProcess, ServiceProcess
@@ -52,6 +53,13 @@ def gateway(fraud_service: ServiceProcess, signing_key: auth.SigningKey) -> Iter
 def gateway_channel(gateway: GatewayProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(gateway.target) as channel:
         yield channel
+
+
+@pytest.fixture(scope="session")
+def direct(fraud_service: ServiceProcess) -> Iterator[rpc.FraudServiceStub]:
+    """A typed stub straight to the fraud service (no gateway), to compare answers with."""
+    with grpc.insecure_channel(fraud_service.target) as channel:
+        yield rpc.FraudServiceStub(channel)
 
 
 @pytest.fixture(scope="session")

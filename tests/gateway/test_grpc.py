@@ -11,15 +11,10 @@ import yaml
 from fraud.v1 import fraud_pb2 as pb
 from fraud.v1 import fraud_pb2_grpc as rpc
 
+from tests.fraud.helpers import tx
 from tests.gateway.helpers import bearer, rpc_error
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def direct(fraud_service):
-    with grpc.insecure_channel(fraud_service.target) as channel:
-        yield rpc.FraudServiceStub(channel)
 
 
 @pytest.fixture
@@ -27,12 +22,8 @@ def stub(gateway_channel):
     return rpc.FraudServiceStub(gateway_channel)
 
 
-def tx(tid: str, features) -> pb.Transaction:
-    return pb.Transaction(transaction_id=tid, features=features)
-
-
 def test_unary_matches_direct(stub, direct, token, fraud_features):
-    req = pb.PredictRequest(transaction=tx("g-1", fraud_features[5]))
+    req = pb.PredictRequest(transaction=tx(fraud_features[5], "g-1"))
     via_gateway = stub.Predict(req, metadata=bearer(token()), timeout=5).prediction
     straight = direct.Predict(req, timeout=5).prediction
     assert via_gateway.transaction_id == "g-1"
@@ -41,14 +32,14 @@ def test_unary_matches_direct(stub, direct, token, fraud_features):
 
 
 def test_service_errors_pass_through_with_their_status(stub, token):
-    err = rpc_error(stub.Predict, pb.PredictRequest(transaction=tx("g-bad", [0.5] * 3)),
+    err = rpc_error(stub.Predict, pb.PredictRequest(transaction=tx([0.5] * 3, "g-bad")),
                     metadata=bearer(token()), timeout=5)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == "transaction.features: expected 30 values, got 3"
 
 
 def test_batch_matches_direct(stub, direct, token, fraud_features):
-    req = pb.PredictBatchRequest(transactions=[tx(f"gb{i}", f) for i, f in enumerate(fraud_features[:8])])
+    req = pb.PredictBatchRequest(transactions=[tx(f, f"gb{i}") for i, f in enumerate(fraud_features[:8])])
     via_gateway = stub.PredictBatch(req, metadata=bearer(token()), timeout=5)
     straight = direct.PredictBatch(req, timeout=5)
     assert [r.prediction.transaction_id for r in via_gateway.results] == [f"gb{i}" for i in range(8)]
@@ -58,15 +49,15 @@ def test_batch_matches_direct(stub, direct, token, fraud_features):
 
 def test_bidi_stream_answers_in_order_with_per_message_errors(stub, direct, token, fraud_features):
     rows = fraud_features[:10]
-    messages = [pb.PredictRequest(transaction=tx(f"s{i}", f)) for i, f in enumerate(rows)]
-    messages.insert(4, pb.PredictRequest(transaction=tx("s-bad", [1.0])))
+    messages = [pb.PredictRequest(transaction=tx(f, f"s{i}")) for i, f in enumerate(rows)]
+    messages.insert(4, pb.PredictRequest(transaction=tx([1.0], "s-bad")))
     results = list(stub.StreamPredict(iter(messages), metadata=bearer(token()), timeout=10))
     assert len(results) == len(messages)
     assert results[4].WhichOneof("outcome") == "error"
     assert results[4].error.index == 4 and results[4].error.code == "INVALID_ARGUMENT"
     good = [r.prediction for i, r in enumerate(results) if i != 4]
     assert [p.transaction_id for p in good] == [f"s{i}" for i in range(10)]
-    want = direct.PredictBatch(pb.PredictBatchRequest(transactions=[tx(f"s{i}", f) for i, f in enumerate(rows)]))
+    want = direct.PredictBatch(pb.PredictBatchRequest(transactions=[tx(f, f"s{i}") for i, f in enumerate(rows)]))
     assert [p.fraud_probability for p in good] == pytest.approx(
         [r.prediction.fraud_probability for r in want.results], rel=1e-6)
 
@@ -78,7 +69,7 @@ def test_bidi_stream_is_interactive_through_the_gateway(stub, token, fraud_featu
 
     def requests():
         for i in range(5):
-            yield pb.PredictRequest(transaction=tx(f"i{i}", fraud_features[i]))
+            yield pb.PredictRequest(transaction=tx(fraud_features[i], f"i{i}"))
             # Wait for the answer to this message before sending the next one.
             assert sent.acquire(timeout=5), f"no answer to message {i} within 5 s"
 
@@ -108,7 +99,7 @@ def test_long_streams_outlive_the_unary_timeout(fraud_service, signing_key, frau
 
         def slow_requests():
             for i in range(6):
-                yield pb.PredictRequest(transaction=tx(f"l{i}", fraud_features[i]))
+                yield pb.PredictRequest(transaction=tx(fraud_features[i], f"l{i}"))
                 time.sleep(0.5)
 
         with grpc.insecure_channel(gw.target) as channel:

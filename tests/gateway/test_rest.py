@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 from fraud.v1 import fraud_pb2 as pb
-from fraud.v1 import fraud_pb2_grpc as rpc
 
 from tests.gateway.helpers import http, post
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def direct(fraud_service):
-    with grpc.insecure_channel(fraud_service.target) as channel:
-        yield rpc.FraudServiceStub(channel)
 
 
 def test_predict_matches_direct_grpc(gateway, direct, token, fraud_features):
