@@ -76,7 +76,7 @@ def wait_for_count(load: SteadyLoad, at_least: int, timeout: float = 20.0) -> No
         time.sleep(0.02)
 
 
-def upstream_counts(gateway: GatewayProcess, since: float = 0.0) -> Counter[str]:
+def upstream_counts(gateway: GatewayProcess) -> Counter[str]:
     time.sleep(0.5)  # let Envoy flush the access log
     return Counter(e["upstream_host"] for e in gateway.access_log() if e["status"] == 200)
 
