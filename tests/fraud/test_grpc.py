@@ -138,7 +138,7 @@ def test_bad_inputs_get_specific_errors(fraud_service, fraud_rows):
         with pytest.raises(grpc.RpcError) as err:
             client.PredictBatch(pb.PredictBatchRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details() == "transactions: empty batch, at least one transaction is required"
+        assert err.value.details() == "transactions: empty batch, at least one item is required"
         with pytest.raises(grpc.RpcError) as err:
             client.PredictBatch(pb.PredictBatchRequest(transactions=[tx(row)] * 257), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -10,10 +10,10 @@ from fraud.v1 import fraud_pb2 as pb
 from fraud.v1 import fraud_pb2_grpc as pb_grpc
 
 from fraud_service.model import INPUT, PROBABILITIES, FraudModel
-from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_on_serving_error
+from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
 from mlplatform.interceptors import set_request_model
 from mlplatform.pipeline import Prediction, Predictor
-from mlplatform.streaming import ordered_concurrent
+from mlplatform.typed import check_batch_size, check_version, split_valid, stream_results
 
 SERVICE_NAME = "fraud.v1.FraudService"
 
@@ -27,11 +27,6 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
         self.max_stream_in_flight = max_stream_in_flight
 
     # -- request -> tensor ------------------------------------------------------------
-
-    def _check_version(self, requested: str) -> None:
-        if requested not in ("", "0", self.model.version):
-            raise NotFoundError(f"model_version: {self.model.name} has no version {requested!r} served; "
-                                f"served version: {self.model.version}")
 
     def _row(self, tx: pb.Transaction, field: str) -> np.ndarray:
         """One transaction as a float32 row, or InvalidInputError naming the field."""
@@ -57,7 +52,7 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
 
     async def _predict_one(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
                            ) -> pb.FraudPrediction:
-        self._check_version(request.model_version)
+        check_version(self.model, request.model_version)
         row = self._row(request.transaction, "transaction")
         [prediction] = await self._score(row[np.newaxis], [request.transaction.transaction_id], context)
         return prediction
@@ -74,24 +69,17 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
         self, request: pb.PredictBatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictBatchResponse:
         set_request_model(self.model.name, self.model.version)
-        self._check_version(request.model_version)
+        check_version(self.model, request.model_version)
         n = len(request.transactions)
-        if n == 0:
-            raise InvalidInputError("transactions: empty batch, at least one transaction is required")
-        if n > self.model.max_batch_size:
-            raise InvalidInputError(f"transactions: {n} items, at most {self.model.max_batch_size} per batch")
+        check_batch_size(n, self.model.max_batch_size, "transactions")
+        parsed = split_valid(request.transactions, lambda i, tx: self._row(tx, f"transactions[{i}]"))
         results: list[pb.FraudResult | None] = [None] * n
-        good: list[int] = []
-        rows: list[np.ndarray] = []
-        for i, tx in enumerate(request.transactions):
-            try:
-                rows.append(self._row(tx, f"transactions[{i}]"))
-                good.append(i)
-            except InvalidInputError as err:
-                results[i] = _error_result(i, err)
-        if good:
-            ids = [request.transactions[i].transaction_id for i in good]
-            for i, prediction in zip(good, await self._score(np.stack(rows), ids, context), strict=True):
+        for i, err in parsed.errors.items():
+            results[i] = _error_result(i, err)
+        if parsed.indices:
+            ids = [request.transactions[i].transaction_id for i in parsed.indices]
+            scored = await self._score(np.stack(parsed.values), ids, context)
+            for i, prediction in zip(parsed.indices, scored, strict=True):
                 results[i] = pb.FraudResult(prediction=prediction)
         return pb.PredictBatchResponse(results=results, model_name=self.model.name, model_version=self.model.version)
 
@@ -100,13 +88,11 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
     ) -> AsyncIterator[pb.FraudResult]:
         set_request_model(self.model.name, self.model.version)
 
-        async def handle(index: int, request: pb.PredictRequest) -> pb.FraudResult:
-            try:
-                return pb.FraudResult(prediction=await self._predict_one(request, context))
-            except ServingError as err:
-                return _error_result(index, err)
+        async def handle(request: pb.PredictRequest) -> pb.FraudResult:
+            return pb.FraudResult(prediction=await self._predict_one(request, context))
 
-        async for result in ordered_concurrent(requests, handle, max_in_flight=self.max_stream_in_flight):
+        async for result in stream_results(requests, handle, _error_result,
+                                           max_in_flight=self.max_stream_in_flight):
             yield result
 
 
