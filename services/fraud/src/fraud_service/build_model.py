@@ -16,12 +16,7 @@ The same seed gives the same data, model, metrics and ONNX bytes; only `built_at
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mlplatform.build import json_bytes, log_step, reset_clock, write_version
 
 MODEL_NAME = "fraud"
 INPUT_NAME = "features"
@@ -110,13 +107,6 @@ class Split:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-
-
-_clock = {"start": time.perf_counter()}
-
-
-def _log(step: str, message: str) -> None:
-    print(f"[{time.perf_counter() - _clock['start']:6.1f}s] {step:<10} {message}", flush=True)
 
 
 # --------------------------------------------------------------------------- generate
@@ -224,7 +214,7 @@ def train(data: Split, seed: int) -> Any:
                           objective="binary:logistic", eval_metric="aucpr")
     model.fit(data.x_train, data.y_train, eval_set=[(data.x_val, data.y_val)], verbose=False)
     history = model.evals_result()["validation_0"]["aucpr"]
-    _log("training", f"{len(history)} trees, validation PR-AUC first/best/last "
+    log_step("training", f"{len(history)} trees, validation PR-AUC first/best/last "
                      f"{history[0]:.4f}/{max(history):.4f}/{history[-1]:.4f}")
     return model
 
@@ -363,40 +353,6 @@ def make_sample(
     }
 
 
-def write_version(model_dir: Path, version: int, files: dict[str, bytes]) -> Path:
-    """Write `files` into a temp dir under `model_dir`, then rename it to `model_dir/<version>`."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    target = model_dir / str(version)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
-    try:
-        for name, content in files.items():
-            with open(tmp / name, "wb") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
-        if target.exists():  # --force or an incomplete earlier build: swap the old directory out
-            old = Path(tempfile.mkdtemp(prefix=f".old-{version}-", dir=model_dir))
-            os.rename(target, old / "v")
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                os.rename(old / "v", target)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode()
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -406,47 +362,47 @@ def build(
     """Build `<repository>/fraud/<version>/` (kept as is when complete, unless `force`); return it."""
     if version < 1:
         raise ValueError(f"version must be >= 1, got {version}")
-    _clock["start"] = time.perf_counter()
+    reset_clock()
     target = Path(repository) / MODEL_NAME / str(version)
     if not force and (target / ARTIFACT).is_file() and (target / CONFIG_FILE).is_file():
-        _log("skip", f"{target} is up to date (use --force to rebuild)")
+        log_step("skip", f"{target} is up to date (use --force to rebuild)")
         return target
 
-    _log("generating", f"{rows} rows, seed {seed}")
+    log_step("generating", f"{rows} rows, seed {seed}")
     x, y = generate_dataset(rows, seed)
-    _log("generating", f"fraud rate {y.mean():.4%} ({int(y.sum())} of {rows})")
+    log_step("generating", f"fraud rate {y.mean():.4%} ({int(y.sum())} of {rows})")
     if not 0.01 <= y.mean() <= 0.02:
-        _log("generating", "WARNING: fraud rate outside the intended 1-2 % (too few rows?)")
+        log_step("generating", "WARNING: fraud rate outside the intended 1-2 % (too few rows?)")
     data = split(x, y, seed)
-    _log("generating", f"split train/val/test {len(data.y_train)}/{len(data.y_val)}/{len(data.y_test)}")
+    log_step("generating", f"split train/val/test {len(data.y_train)}/{len(data.y_val)}/{len(data.y_test)}")
 
-    _log("training", f"XGBClassifier {XGB_PARAMS}")
+    log_step("training", f"XGBClassifier {XGB_PARAMS}")
     model = train(data, seed)
 
-    _log("evaluating", "threshold on validation (max F1), metrics on test")
+    log_step("evaluating", "threshold on validation (max F1), metrics on test")
     threshold, metrics = evaluate(model, data)
     metrics["fraud_rate"] = round(float(y.mean()), 6)
-    _log("evaluating", f"ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}  "
+    log_step("evaluating", f"ROC-AUC {metrics['roc_auc']:.4f}  PR-AUC {metrics['pr_auc']:.4f}  "
                        f"threshold {threshold:.4f}  precision {metrics['precision_at_threshold']:.4f}  "
                        f"recall {metrics['recall_at_threshold']:.4f}")
 
-    _log("exporting", f"ONNX opset {TARGET_OPSET}")
+    log_step("exporting", f"ONNX opset {TARGET_OPSET}")
     onnx_bytes = export(model, seed)
-    _log("exporting", f"{len(onnx_bytes)} bytes")
+    log_step("exporting", f"{len(onnx_bytes)} bytes")
 
-    _log("verifying", f"onnxruntime vs xgboost on {len(data.y_test)} test rows")
+    log_step("verifying", f"onnxruntime vs xgboost on {len(data.y_test)} test rows")
     diff, onnx_proba = verify(onnx_bytes, model, data.x_test)
     metrics["parity_max_abs_diff"] = diff
     metrics["test_rows"] = len(data.y_test)
-    _log("verifying", f"max abs diff {diff:.3g} (tolerance {PARITY_TOLERANCE:g})")
+    log_step("verifying", f"max abs diff {diff:.3g} (tolerance {PARITY_TOLERANCE:g})")
 
     config = make_config(version, threshold, metrics, seed, rows)
     sample = make_sample(data.x_test, data.y_test, onnx_proba, threshold, version)
-    _log("writing", f"{ARTIFACT}, {CONFIG_FILE}, {SAMPLE_FILE} -> {target} (atomic rename)")
+    log_step("writing", f"{ARTIFACT}, {CONFIG_FILE}, {SAMPLE_FILE} -> {target} (atomic rename)")
     target = write_version(Path(repository) / MODEL_NAME, version, {
-        ARTIFACT: onnx_bytes, CONFIG_FILE: _json_bytes(config), SAMPLE_FILE: _json_bytes(sample),
+        ARTIFACT: onnx_bytes, CONFIG_FILE: json_bytes(config), SAMPLE_FILE: json_bytes(sample),
     })
-    _log("writing", f"{target}: {', '.join(sorted(p.name for p in target.iterdir()))}")
+    log_step("writing", f"{target}: {', '.join(sorted(p.name for p in target.iterdir()))}")
     return target
 
 
