@@ -80,8 +80,7 @@ CONFIG_STATIC: dict[str, Any] = {
                 },
                 # HEURISTIC: any batch size 1-32 can come out of the batcher; EXHAUSTIVE would
                 # benchmark conv algorithms on the first batch of each new size (a latency spike).
-                "CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC",
-                                          "do_copy_in_default_stream": True},
+                "CUDAExecutionProvider": {"cudnn_conv_algo_search": "HEURISTIC"},
             },
             "tensorrt_opt_batch_size": 16,
         },
@@ -234,12 +233,13 @@ def export_onnx(net: Any) -> bytes:
     example = torch.zeros(2, 1, SIZE, SIZE)
     # The TorchScript-based exporter (dynamo=False): deterministic bytes, named dynamic axes, no extra
     # dependency (onnxscript); it is deprecated in favour of torch.export but still supported in 2.13.
-    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
-    torch.onnx.export(
-        net, (example,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-        dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
-        opset_version=ONNX_OPSET, dynamo=False, do_constant_folding=True,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net, (example,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}},
+            opset_version=ONNX_OPSET, dynamo=False, do_constant_folding=True,
+        )
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model)
     inputs = [i.name for i in model.graph.input]
@@ -272,7 +272,9 @@ def serialise_native(net: Any) -> tuple[bytes, bytes]:
     state = io.BytesIO()
     torch.save(net.state_dict(), state)
     scripted = io.BytesIO()
-    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, SIZE, SIZE)), scripted)
+    with warnings.catch_warnings():  # torch.jit is deprecated in 2.13 but TorchScript files are still expected
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, SIZE, SIZE)), scripted)
     return state.getvalue(), scripted.getvalue()
 
 
