@@ -15,7 +15,7 @@ help:
 	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
-	@echo "make bench   - fraud Predict latency, and the gateway's overhead (direct vs Envoy) -> bench/results/"
+	@echo "make bench   - fraud Predict latency, the gateway's overhead (direct vs Envoy), cnn latency and batching -> bench/results/"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make lint    - ruff"
