@@ -73,17 +73,17 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def batch_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
-    """Batches, mean size, size histogram (batches of at most each bucket size), mean queue wait and compute."""
+    """Batches, mean size, size histogram (batches per size range), mean queue wait and compute."""
     def d(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     batches = d("inference_batch_size_count")
     waits = d("inference_queue_wait_seconds_count")
     cumulative = {b: d(f"inference_batch_size_bucket{{{float(b)}}}") for b in BATCH_BUCKETS}
-    histogram, previous = {}, 0.0
+    histogram, previous, lower = {}, 0.0, 1
     for b in BATCH_BUCKETS:
-        histogram[f"<={b}"] = int(cumulative[b] - previous)
-        previous = cumulative[b]
+        histogram[str(b) if b == lower else f"{lower}-{b}"] = int(cumulative[b] - previous)
+        previous, lower = cumulative[b], b + 1
     return {
         "batches": int(batches),
         "mean_batch": d("inference_batch_size_sum") / batches if batches else 0.0,
