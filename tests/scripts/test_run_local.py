@@ -56,7 +56,7 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
         assert f"fraud: SERVING on 127.0.0.1:{grpc_port}" in text
         assert f"cnn: SERVING on 127.0.0.1:{CNN_PORTS['CNN_GRPC_PORT']}" in text
         # The printed cnn curl (base64 of the model's sample image) through the gateway.
-        cnn_curl = re.search(r"  (curl \S+/api/v1/cnn .*?top_k.*?\")\n", text, re.S)
+        cnn_curl = re.search(r"  (curl -s http://\S+/api/v1/cnn .*?\}\")\n", text, re.S)
         assert cnn_curl, text
         cnn_call = subprocess.run(["bash", "-c", f"{curl_token(text)}\n{cnn_curl.group(1)}"], capture_output=True,
                                   text=True, timeout=30)
