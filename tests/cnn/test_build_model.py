@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,9 @@ def test_state_dict_and_torchscript_give_the_onnx_answers(cnn_dir: Path, cnn_con
     net = make_network(norm["mean"], norm["std"])
     net.load_state_dict(torch.load(cnn_dir / "model.pt", weights_only=True))
     net.eval()
-    scripted = torch.jit.load(str(cnn_dir / "model.torchscript.pt"))
+    with warnings.catch_warnings():  # torch.jit is deprecated in 2.13; the file format is still what users load
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.load(str(cnn_dir / "model.torchscript.pt"))
     with torch.no_grad():
         np.testing.assert_allclose(net(x)[1].numpy(), expected, atol=1e-5)
         np.testing.assert_allclose(scripted(x)[1].numpy(), expected, atol=1e-5)
