@@ -81,3 +81,18 @@ def test_a_lone_request_waits_at_most_the_queue_delay(cnn_service, cnn_stub, hel
     assert delta(before, after, "inference_compute_duration_seconds_bucket", le="0.05") == 1
     # The client's round trip is queue wait + inference + transport: generous bound, not a speed target.
     assert elapsed < 1.0
+
+
+def test_the_service_reports_the_providers_onnx_runtime_gave_it(cnn_service, cnn_config):
+    """Whichever of TensorRT, CUDA, CPU the installed onnxruntime offers, in the config's order."""
+    import onnxruntime as ort
+
+    from mlplatform.runtimes.onnx import select_providers
+
+    expected = ",".join(p for p, _ in select_providers(ort.get_available_providers(),
+                                                        cnn_config["runtime"]["providers"]))
+    info = [labels for (name, labels), value in scrape(cnn_service.metrics_port).items()
+            if name == "inference_model_info" and ("model", "cnn") in labels and value == 1]
+    assert len(info) == 1
+    assert dict(info[0])["providers"] == expected
+    assert dict(info[0])["device"] == ("cpu" if expected.startswith("CPU") else "gpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,6 +34,14 @@ def test_lossless_formats_decode_to_the_exact_pixels(digit, fmt):
 def test_jpeg_decodes_close_to_the_pixels(digit):
     out = decode_image(encode(digit, "JPEG"), LIMITS)
     assert out.shape == (32, 32) and np.abs(out - digit).mean() < 8
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_close_to_a_full_decode(digit):
+    data = encode(digit, "JPEG", mode="RGB", size=(2048, 1536))
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("L")
+                      .resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32)
+    out = decode_image(data, LIMITS)
+    assert out.shape == (32, 32) and np.abs(out - full).mean() < 4
 
 
 def test_colour_images_become_grayscale_and_other_sizes_are_resized(digit):

@@ -72,6 +72,8 @@ def decode_image(data: bytes, limits: ImageLimits, field: str = "image") -> np.n
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
             _check_size(img.width, img.height, limits, field)
+            if img.format == "JPEG":  # decode at a reduced DCT scale when the image is much larger (faster)
+                img.draft("L", (limits.width, limits.height))
             img.load()
     except InvalidInputError:
         raise
