@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := model_repository
 PIP := $(BIN)/pip install -q -c constraints.txt
-SERVICE_PACKAGES := -e 'services/fraud[build]'
+SERVICE_PACKAGES := -e 'services/fraud[build]' -e 'services/cnn[build]'
 PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench
 
 .PHONY: help setup protos models run test lint system-deps bench constraints clean token gateway-config
@@ -15,14 +15,14 @@ help:
 	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
-	@echo "make bench   - fraud Predict latency, and the gateway's overhead (direct vs Envoy) -> bench/results/"
+	@echo "make bench   - fraud Predict latency, the gateway's overhead (direct vs Envoy), cnn latency and batching -> bench/results/"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make lint    - ruff"
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
 $(STAMP): constraints.txt requirements-dev.txt protos/pyproject.toml libs/pyproject.toml \
-          services/fraud/pyproject.toml gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
+          services/fraud/pyproject.toml services/cnn/pyproject.toml gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) grpcio-tools googleapis-common-protos
@@ -37,6 +37,7 @@ protos: $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/python -m fraud_service.build_model --repository $(MODELS)
+	$(BIN)/python -m cnn_service.build_model --repository $(MODELS)
 
 # Debian packages the tests need (Redis). Installs only what is missing.
 system-deps:
@@ -70,6 +71,7 @@ lint: setup
 bench: setup models
 	$(BIN)/python bench/fraud_latency.py --model-repository $(MODELS)
 	$(BIN)/python bench/gateway_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/cnn_latency.py --model-repository $(MODELS)
 
 constraints: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.tmp && mv constraints.tmp constraints.txt
