@@ -21,6 +21,7 @@ import io
 import json
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -176,7 +177,9 @@ def export_onnx(net: SentimentNetwork, encoder: TextEncoder) -> bytes:
     """ONNX bytes (opset 17) with dynamic batch and sequence axes."""
     enc = encoder.encode(["an example to trace the export", "short"])
     ids, mask = torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of torch.export's, which needs onnxscript.
+        warnings.simplefilter("ignore", DeprecationWarning)
         path = Path(tmp) / ONNX_FP32
         torch.onnx.export(
             net, (ids, mask), str(path), input_names=RUNTIME_INPUTS, output_names=RUNTIME_OUTPUTS,
