@@ -5,6 +5,14 @@
 counts, and runs it under `torch.inference_mode` on numpy arrays. Integer inputs (token
 ids, masks) keep their dtype; floating inputs are cast to the session's dtype; every
 output comes back as float32 (or its own integer/bool dtype) numpy on the CPU.
+
+Variable shapes (every batch padded to its own longest sequence) need the JIT not to
+specialise on shapes: with its default fusion strategy (profile, then fuse for static and
+later dynamic shapes) each new (batch, length) pair could re-profile and recompile, and a
+traced MiniLM took 2-10x longer over 40 calls of random shapes here (1.5-5x at the median),
+with single calls up to ~1 s. The default here is no shape-specialised fusion
+([["STATIC", 0], ["DYNAMIC", 0]]); `runtime.options.fusion_strategy` overrides it
+(process-wide, `torch.jit.set_fusion_strategy`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_FUSION_STRATEGY = (("STATIC", 0), ("DYNAMIC", 0))
 PRECISIONS = ("auto", "fp32", "fp16")
 
 
@@ -79,6 +88,9 @@ class TorchScriptSession:
                 torch.set_num_interop_threads(inter_op_threads)
             except RuntimeError:  # only settable once per process, before any parallel work
                 log.info("torch inter-op threads already set to %d", torch.get_num_interop_threads())
+        strategy = [(str(kind), int(depth)) for kind, depth in
+                    options.get("fusion_strategy", DEFAULT_FUSION_STRATEGY)]
+        torch.jit.set_fusion_strategy(strategy)
         self.choice = select_device(torch.cuda.is_available(), options.get("device", "auto"),
                                     options.get("precision", "auto"))
         self._torch = torch
@@ -91,8 +103,8 @@ class TorchScriptSession:
         self.module = module
         self.input_names = list(input_names)
         self.output_names = list(output_names)
-        log.info("torchscript %s on %s (%s), %d intra-op threads", Path(path).name, self.choice.device,
-                 self.choice.dtype, torch.get_num_threads())
+        log.info("torchscript %s on %s (%s), %d intra-op threads, fusion strategy %s", Path(path).name,
+                 self.choice.device, self.choice.dtype, torch.get_num_threads(), strategy)
 
     @property
     def device(self) -> str:
