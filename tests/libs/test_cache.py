@@ -38,6 +38,23 @@ def test_row_key_names_model_and_version():
     assert row_key("fraud", 3, ROW) == key  # int and str versions are the same version
 
 
+def test_row_key_of_bytes_hashes_the_text_not_the_object():
+    def text(value: bytes) -> dict[str, np.ndarray]:
+        arr = np.empty(1, dtype=object)
+        arr[0] = value
+        return {"text": arr[0:1].reshape(())}
+
+    same = row_key("sentiment", 1, text(b"great " + b"film")), row_key("sentiment", 1, text(b"great film"))
+    assert same[0] == same[1]  # equal texts in different objects
+    assert row_key("sentiment", 1, text(b"great film")) != row_key("sentiment", 1, text(b"awful film"))
+    # Element boundaries count: ["ab", "c"] is not ["a", "bc"].
+    two = np.empty(2, dtype=object)
+    two[:] = [b"ab", b"c"]
+    other = np.empty(2, dtype=object)
+    other[:] = [b"a", b"bc"]
+    assert row_key("m", 1, {"t": two}) != row_key("m", 1, {"t": other})
+
+
 def test_row_key_differs_across_versions_and_models():
     keys = {row_key("fraud", 1, ROW), row_key("fraud", 2, ROW), row_key("churn", 1, ROW)}
     assert len(keys) == 3

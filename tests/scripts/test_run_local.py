@@ -31,9 +31,11 @@ def curl_token(text: str) -> str:
 def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository):
     grpc_port, metrics_port, redis_port = free_port(), free_port(), free_port()
     gateway_port, admin_port = free_port(), free_port()
+    sentiment_port = free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
            "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1",
-           **CNN_PORTS}
+           **CNN_PORTS,
+           "SENTIMENT_GRPC_PORT": str(sentiment_port), "SENTIMENT_METRICS_PORT": str(free_port())}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(redis_port)],
@@ -41,7 +43,7 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
     )
     output = []
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180
         assert proc.stdout is not None
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -64,6 +66,7 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
         assert classification["model_name"] == "cnn" and len(classification["classes"]) == 3
         sample_label = np.load(model_repository / "cnn" / "1" / "heldout.npz")["labels"][0]  # sample.png's digit
         assert classification["classes"][0]["label"] == str(sample_label)
+        assert f"sentiment: SERVING on 127.0.0.1:{sentiment_port}" in text
         snippet = re.search(r"<<'PY'\n(.*?)\nPY\n", text, re.S)
         assert snippet, text
         call = subprocess.run([sys.executable, "-"], input=snippet.group(1), capture_output=True, text=True,
@@ -80,11 +83,18 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
         body = json.loads(via_gateway.stdout)["prediction"]
         assert body["transaction_id"] == "tx-1" and body["model_name"] == "fraud"
         assert body["fraud_probability"] == pytest.approx(direct, rel=1e-6)
+        # The printed sentiment curl, through the gateway.
+        sentiment_curl = re.search(r"  (curl -s \S+/api/v1/sentiment .*?\}')\n", text, re.S)
+        assert sentiment_curl, text
+        answer = subprocess.run(["bash", "-c", f"{curl.group(1)}\n{sentiment_curl.group(1)}"], capture_output=True,
+                                text=True, timeout=30)
+        prediction = json.loads(answer.stdout)["prediction"]
+        assert prediction["label"] == "positive" and prediction["model_name"] == "sentiment"
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest
         assert "stopped." in rest and "fraud: stopped" in rest
-        for port in (grpc_port, redis_port, gateway_port, admin_port):
+        for port in (grpc_port, redis_port, gateway_port, admin_port, sentiment_port):
             with pytest.raises(TimeoutError):
                 wait_for_port(port, timeout=0.3)
     finally:
@@ -97,11 +107,12 @@ def test_run_local_puts_replicas_behind_the_gateway(model_repository):
     grpc_port, metrics_port, gateway_port, admin_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
            "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1",
-           **CNN_PORTS}
+           **CNN_PORTS,
+           "SENTIMENT_GRPC_PORT": str(free_port()), "SENTIMENT_METRICS_PORT": str(free_port())}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(free_port()), "--replicas", "2", "--no-wait"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
@@ -109,6 +120,6 @@ def test_run_local_puts_replicas_behind_the_gateway(model_repository):
     assert f"fraud[1]: SERVING on 127.0.0.1:{grpc_port + 100} (metrics :{metrics_port + 100})" in out
     cnn_grpc, cnn_metrics = int(CNN_PORTS["CNN_GRPC_PORT"]), int(CNN_PORTS["CNN_METRICS_PORT"])
     assert f"cnn[1]: SERVING on 127.0.0.1:{cnn_grpc + 100} (metrics :{cnn_metrics + 100})" in out
-    healthy = re.search(r"(\d+)/(\d+) upstream hosts healthy", out)
-    assert healthy and healthy.group(1) == healthy.group(2) and int(healthy.group(1)) >= 4, out  # 2 per service
+    assert "sentiment[1]: SERVING on" in out
+    assert "6/6 upstream hosts healthy" in out, out  # 3 services x 2 replicas
     assert "stopped." in out

@@ -42,7 +42,13 @@ def row_key(model: str, version: str | int, row: Mapping[str, np.ndarray]) -> st
         h.update(name.encode())
         h.update(arr.dtype.str.encode())
         h.update(repr(arr.shape).encode())
-        h.update(arr.tobytes())
+        if arr.dtype == object:  # BYTES: hash the elements, not the object pointers
+            for value in arr.reshape(-1):
+                data = value if isinstance(value, bytes) else str(value).encode()
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(data)
+        else:
+            h.update(arr.tobytes())
     return f"{KEY_PREFIX}:{model}:{version}:{h.hexdigest()}"
 
 

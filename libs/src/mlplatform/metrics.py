@@ -53,6 +53,12 @@ MODEL_INFO = Gauge(
     "inference_model_info", "Served model: platform, device and the runtime providers actually in use",
     ["model", "version", "platform", "device", "providers"],
 )
+BATCH_POSITIONS = Counter(
+    "inference_batch_sequence_positions_total",
+    "Sequence positions in batches of variable-length inputs: real tokens, padded (computed), and unsplit "
+    "(what one FIFO batch padded to its longest member would have computed)",
+    ["model", "version", "kind"],
+)
 GPU_MEMORY = Gauge("inference_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
 
 BREAKER_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}

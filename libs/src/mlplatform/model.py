@@ -1,6 +1,7 @@
 """The model abstraction: load -> warm-up -> batched predict -> unload, with tensor metadata.
 
-A service subclasses `Model` (or `OnnxModel`) and adds what is specific to its
+A service subclasses `Model` (or `OnnxModel`, or `RuntimeModel` whose config
+chooses TorchScript or ONNX Runtime) and adds what is specific to its
 model: per-row validation and an optional fallback. Both the typed API and the
 Open Inference Protocol servicer use `metadata` and the same predict path.
 """
@@ -11,6 +12,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +20,7 @@ from mlplatform import metrics
 from mlplatform.errors import InvalidInputError
 from mlplatform.repository import ModelConfig, ModelVersion
 from mlplatform.runtimes.onnx import OnnxRuntimeSession, resolve_provider_options
+from mlplatform.runtimes.torchscript import TorchScriptSession
 from mlplatform.tensors import TensorSpec, shape_matches, shape_str
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,13 @@ class Model(ABC):
     @abstractmethod
     def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
         """Run one batch (blocking); outputs keep the batch dimension first."""
+
+    variable_length: bool = False
+    """True when rows are sequences of different lengths (the batcher then groups them by length)."""
+
+    def sequence_lengths(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Per-row sequence length (e.g. tokens) of a request; used when `variable_length`."""
+        raise NotImplementedError(f"{type(self).__name__} has no variable-length inputs")
 
     def validate_rows(self, inputs: Mapping[str, np.ndarray]) -> list[str | None]:
         """Per-row problems (None for a good row); override for model-specific checks."""
@@ -188,6 +198,99 @@ class OnnxModel(Model):
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
         return self.session.run(inputs)
+
+    async def unload(self) -> None:
+        await super().unload()
+        self.__dict__.pop("session", None)
+
+
+BACKENDS = ("torchscript", "onnxruntime")
+PLATFORM_BACKENDS = {"pytorch_libtorch": "torchscript", "onnxruntime_onnx": "onnxruntime"}
+
+
+def runtime_variant(config: ModelConfig, name: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(variant name, backend, variant options) the config selects, or `name` overrides.
+
+    `runtime.options.variants` maps a variant name (e.g. "torchscript", "onnx", "onnx_int8") to
+    {"backend": "torchscript" | "onnxruntime", "artifact": file, ...}; `runtime.options.variant`
+    picks one. Without variants the backend follows the platform and the artifact is `artifact`.
+    """
+    opts = config.runtime.options
+    variants: dict[str, dict[str, Any]] = opts.get("variants") or {}
+    if not variants:
+        backend = PLATFORM_BACKENDS.get(config.platform)
+        if backend is None:
+            raise ValueError(f"platform {config.platform!r} has no runtime; known: {sorted(PLATFORM_BACKENDS)}")
+        if name not in (None, "", backend):
+            raise ValueError(f"runtime variant {name!r} is not in the config (no runtime.options.variants)")
+        return backend, backend, {"artifact": config.artifact}
+    chosen = name or opts.get("variant") or next(iter(variants))
+    if chosen not in variants:
+        raise ValueError(f"runtime variant {chosen!r} is not one of {sorted(variants)}")
+    variant = dict(variants[chosen])
+    if variant.get("backend") not in BACKENDS:
+        raise ValueError(f"runtime variant {chosen!r}: backend must be one of {BACKENDS}")
+    variant.setdefault("artifact", config.artifact)
+    return chosen, variant["backend"], variant
+
+
+class RuntimeModel(Model):
+    """A model run by the runtime its config chooses: TorchScript (FP16 on CUDA, FP32 on CPU) or ONNX Runtime.
+
+    The runtime's tensors may differ from the served ones (e.g. text in, token ids to the
+    runtime): a variant's `inputs` / `outputs` name the runtime's tensors, in call order for
+    TorchScript; by default they are the config's.
+    """
+
+    session: OnnxRuntimeSession | TorchScriptSession
+
+    def __init__(self, version: ModelVersion, runtime: str | None = None) -> None:
+        super().__init__(version)
+        self.runtime_name, self.backend, self.variant = runtime_variant(self.config, runtime)
+        self.runtime_path = version.path / self.variant["artifact"]
+        if not self.runtime_path.is_file():
+            raise ValueError(f"{self.name} v{self.version}: runtime {self.runtime_name!r} artifact "
+                             f"{self.variant['artifact']!r} is missing")
+        self.runtime_inputs: list[str] = list(self.variant.get("inputs") or [s.name for s in self.inputs])
+        self.runtime_outputs: list[str] = list(self.variant.get("outputs") or [s.name for s in self.outputs])
+
+    def _load(self) -> None:
+        rt = self.config.runtime
+        options = {**rt.options, **self.variant}
+        if self.backend == "torchscript":
+            self.session = TorchScriptSession(
+                self.runtime_path, input_names=self.runtime_inputs, output_names=self.runtime_outputs,
+                intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads, options=options,
+            )
+            return
+        self.session = OnnxRuntimeSession(
+            self.runtime_path, intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads,
+            providers=rt.providers, provider_options=options.get("provider_options"),
+        )
+        if sorted(self.session.input_names) != sorted(self.runtime_inputs):
+            raise ValueError(f"{self.name} v{self.version}: artifact inputs {self.session.input_names} "
+                             f"differ from runtime inputs {self.runtime_inputs}")
+        missing = set(self.runtime_outputs) - set(self.session.output_names)
+        if missing:
+            raise ValueError(f"{self.name} v{self.version}: artifact lacks outputs {sorted(missing)}")
+
+    @property
+    def device(self) -> str:
+        return self.session.device
+
+    @property
+    def providers(self) -> list[str]:
+        """ONNX Runtime providers in use, or `torchscript:<device>:<precision>`."""
+        if isinstance(self.session, TorchScriptSession):
+            return [f"torchscript:{self.session.choice.device}:{self.session.precision}"]
+        return self.session.providers
+
+    def run_runtime(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        """Run the runtime on its own tensors (blocking)."""
+        return self.session.run(inputs)
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        return self.run_runtime(inputs)
 
     async def unload(self) -> None:
         await super().unload()

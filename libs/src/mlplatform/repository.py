@@ -35,6 +35,9 @@ class BatchingConfig(BaseModel):
     """Batch sizes the runtime is fastest at (reported in ModelConfig, used for warm-up)."""
     max_concurrent_batches: int = Field(1, ge=1)
     """Batches in the runtime at once (more overlaps Python work with inference)."""
+    length_group_overhead: int = Field(256, ge=0)
+    """Variable-length models: padded positions one more runtime call is worth; a closed batch is
+    cut into length groups where that saves more padding (0: always one group per length)."""
 
 
 class RuntimeConfig(BaseModel):

@@ -83,6 +83,8 @@ class ModelServer:
             max_concurrent_batches=cfg.max_concurrent_batches,
             model=self.model.name,
             version=self.model.version,
+            lengths_of=self.model.sequence_lengths if self.model.variable_length else None,
+            group_overhead=cfg.length_group_overhead,
         )
         self.cache = build_cache(settings)
         self.breaker = Breaker(f"model-{self.model.name}", fail_max=settings.breaker_fail_max,
