@@ -43,6 +43,7 @@ TERMINATION_GRACE_S = 45
 # Model load + warm-up may take this long before the startup probe gives up (5 s x 60).
 STARTUP_PERIOD_S, STARTUP_FAILURES = 5, 60
 UID = 10001
+NAMESPACE = yaml.safe_load(SERVICES_FILE.read_text())["namespace"]
 REDIS_IMAGE = "redis:7.4.2-alpine3.21"
 GRPC_ERROR_STATUSES = "UNKNOWN|INTERNAL|UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|DATA_LOSS"
 DEV_COMMENT = ("# Development cluster (kind, minikube, a shared namespace): one replica of everything, CPU images\n"
@@ -101,7 +102,7 @@ def model_container(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict
         "name": name,
         "image": image(cfg, name),
         "imagePullPolicy": "Always",
-        "args": [],
+        "command": ["python", "-m", svc["module"]],
         "ports": [{"name": "grpc", "containerPort": port, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": svc["metrics_port"], "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": f"{name}-settings"}}],
@@ -117,13 +118,14 @@ def model_container(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict
     }
 
 
-def model_sync_init(name: str) -> dict[str, Any]:
-    """Copies the model's versions from the model PVC (or object storage, see the runbook) before start."""
+def model_sync_init(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """Copies the model's versions from the model-repository PVC into the pod before the service starts
+    (the service's own image: no extra image to trust). Fails the pod when no version is there."""
     return {
         "name": "model-sync",
-        "image": "registry.example.com/mlplatform/model-sync:0.1.0",
+        "image": image(cfg, name),
         "imagePullPolicy": "Always",
-        "command": ["/bin/sh", "-c", f"cp -a /repository/{name} /models/ && test -f /models/{name}/*/config.json"],
+        "command": ["sh", "-c", f"cp -R /repository/{name} /models/ && ls /models/{name}/*/config.json"],
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
         "securityContext": container_security(),
         "volumeMounts": [{"name": "repository", "mountPath": "/repository", "readOnly": True},
@@ -156,7 +158,7 @@ def service_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list
                     "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                                    "whenUnsatisfiable": "ScheduleAnyway",
                                                    "labelSelector": {"matchLabels": selector(name)}}],
-                    "initContainers": [model_sync_init(name)],
+                    "initContainers": [model_sync_init(cfg, name)],
                     "containers": [model_container(cfg, name, svc)],
                     "volumes": [{"name": "repository", "persistentVolumeClaim": {"claimName": "model-repository",
                                                                                  "readOnly": True}},
@@ -317,7 +319,8 @@ def gpu_patch(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict[str, 
                 "nodeSelector": {"mlplatform.io/pool": "gpu"},
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 "containers": [{"name": name, "image": image(cfg, name, "gpu"),
-                                "resources": copy.deepcopy(svc["gpu_resources"])}]}}}}
+                                "resources": copy.deepcopy(svc["gpu_resources"])}],
+                "initContainers": [{"name": "model-sync", "image": image(cfg, name, "gpu")}]}}}}
 
 
 def guaranteed_patch(name: str, svc: dict[str, Any]) -> dict[str, Any]:
@@ -372,8 +375,6 @@ def inference_service(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> di
 def redis_objects(name: str, clients: list[str]) -> list[dict[str, Any]]:
     """A cache-only Redis (no persistence, LRU eviction) that only `clients`' pods may reach."""
     meta = {"name": name, "labels": labels(name, "cache")}
-    uid = 999  # the redis image's own user
-    security = {**container_security(), "runAsUser": uid, "runAsGroup": uid}
     exec_probe = lambda period, failures: {"exec": {"command": ["redis-cli", "ping"]},  # noqa: E731
                                            "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": 2}
     deployment = {
@@ -382,7 +383,7 @@ def redis_objects(name: str, clients: list[str]) -> list[dict[str, Any]]:
                  "strategy": {"type": "Recreate"},
                  "template": {"metadata": {"labels": labels(name, "cache")}, "spec": {
                      "serviceAccountName": name, "automountServiceAccountToken": False,
-                     "securityContext": {**pod_security(), "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid},
+                     "securityContext": pod_security(),
                      "nodeSelector": {"mlplatform.io/pool": "cpu"},
                      "containers": [{
                          "name": "redis", "image": REDIS_IMAGE, "imagePullPolicy": "Always",
@@ -393,7 +394,7 @@ def redis_objects(name: str, clients: list[str]) -> list[dict[str, Any]]:
                                        "limits": {"cpu": "1", "memory": "1Gi"}},
                          "startupProbe": exec_probe(2, 15), "readinessProbe": exec_probe(5, 2),
                          "livenessProbe": exec_probe(10, 3),
-                         "securityContext": security,
+                         "securityContext": container_security(),
                          "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
                      "volumes": [{"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}]}}}}
     return [
@@ -415,7 +416,8 @@ def dump(objects: list[dict[str, Any]] | dict[str, Any], source: str) -> str:
 
 
 def kustomization(resources: list[str], **extra: Any) -> dict[str, Any]:
-    return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": resources, **extra}
+    return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": NAMESPACE,
+            "resources": resources, **extra}
 
 
 def outputs() -> dict[Path, str]:
@@ -438,7 +440,7 @@ def outputs() -> dict[Path, str]:
                                            "value": {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
                                                      "name": n}}], sort_keys=False)} for n in names]
     out[K8S / "components" / "canary" / "kustomization.yaml"] = dump(
-        {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
+        {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", "namespace": NAMESPACE,
          "resources": [f"{n}.yaml" for n in names],
          # The Rollout owns the replica count now: KEDA scales it, not the (scaled-down) Deployment.
          "patches": retarget}, src)
