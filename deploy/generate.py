@@ -12,6 +12,7 @@ Outputs (committed, so `kubectl kustomize k8s/overlays/<name>` works without Pyt
   k8s/components/canary/<name>.yaml    Argo Rollout (workloadRef) + AnalysisTemplate per service
   k8s/overlays/prod/...                GPU pool / guaranteed QoS patches, prod gateway config
   k8s/overlays/kserve/...              InferenceService per model, gateway config for KServe
+  docker/docker-bake.json              an image target per service (and GPU variant) and the gateway
 
 `python -m deploy.generate` writes them; `--check` exits 1 naming every stale file.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -259,7 +261,7 @@ def analysis_queries(cfg: dict[str, Any], name: str) -> dict[str, str]:
     sel = f'namespace="{cfg["namespace"]}", model="{name}", rollouts_pod_template_hash="{{{{args.%s}}}}"'
     ratio = lambda h: (  # noqa: E731
         f'sum(rate(inference_requests_total{{{sel % h}, status=~"{GRPC_ERROR_STATUSES}"}}[5m]))'
-        f' / sum(rate(inference_requests_total{{{sel % h}}}[5m]))')
+        f' / (sum(rate(inference_requests_total{{{sel % h}}}[5m])) > 0)')  # no traffic: no sample, not NaN
     return {
         # > 0 when the canary's error ratio exceeds the stable pods' ratio, or 0.1 % when that is lower.
         "error-rate": (f"(({ratio('canary-hash')}) or vector(0))"
@@ -410,6 +412,24 @@ def redis_objects(name: str, clients: list[str]) -> list[dict[str, Any]]:
     ]
 
 
+def bake_file(cfg: dict[str, Any]) -> dict[str, Any]:
+    """docker/docker-bake.json: a target per service image (and GPU variant) and the gateway."""
+    targets: dict[str, Any] = {"_service": {"context": ".", "dockerfile": "docker/service.Dockerfile"}}
+    cpu, gpu = [], []
+    for name, svc in cfg["services"].items():
+        for variant in ("cpu", "gpu") if svc["gpu"] else ("cpu",):
+            target = name if variant == "cpu" else f"{name}-{variant}"
+            suffix = "" if variant == "cpu" else f"-{variant}"
+            targets[target] = {"inherits": ["_service"], "args": {"SERVICE": name, "VARIANT": variant},
+                               "tags": [f"${{REGISTRY}}/{name}:${{TAG}}{suffix}"]}
+            (cpu if variant == "cpu" else gpu).append(target)
+    targets["gateway"] = {"context": ".", "dockerfile": "docker/gateway.Dockerfile",
+                          "tags": ["${REGISTRY}/gateway:${TAG}"]}
+    return {"variable": {"REGISTRY": {"default": cfg["image_registry"]}, "TAG": {"default": cfg["image_tag"]}},
+            "group": {"default": {"targets": [*cpu, "gateway"]}, "gpu": {"targets": gpu}},
+            "target": targets}
+
+
 def dump(objects: list[dict[str, Any]] | dict[str, Any], source: str) -> str:
     docs = objects if isinstance(objects, list) else [objects]
     return HEADER.format(source=source) + "---\n".join(yaml.safe_dump(d, sort_keys=False, width=120) for d in docs)
@@ -458,6 +478,7 @@ def outputs() -> dict[Path, str]:
         patches=[delete("ScaledObject", "keda.sh/v1alpha1"), delete("HorizontalPodAutoscaler", "autoscaling/v2")]),
         src)
 
+    out[ROOT / "docker" / "docker-bake.json"] = json.dumps(bake_file(cfg), indent=2) + "\n"
     gw = "gateway-envoy/src/mlplatform_gateway (template + variants/k8s.yaml)"
     out[K8S / "base" / "platform" / "gateway" / "envoy.yaml"] = render.render("k8s")
     out[K8S / "overlays" / "prod" / "gateway" / "envoy.yaml"] = render.render("k8s", PROD_JWKS)
