@@ -10,7 +10,9 @@ ARG VARIANT=cpu
 
 # --- Python runtime, per variant (pinned bases: exact patch and OS release tags) -------------
 FROM python:3.11.14-slim-bookworm AS python-cpu
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Where torch comes from (services that use it): the CPU build, never PyPI's CUDA-dependent default.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV TORCH_INDEX=${TORCH_INDEX}
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS python-gpu
 # Ubuntu 24.04's Python 3.12 (the project needs >= 3.11).
@@ -18,7 +20,9 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && ln -s /usr/bin/python3 /usr/local/bin/python
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# CUDA torch matching the base image's CUDA 12.8.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+ENV TORCH_INDEX=${TORCH_INDEX}
 
 # --- build: stubs generated, service installed into /opt/venv ------------------------------
 FROM python-${VARIANT} AS build

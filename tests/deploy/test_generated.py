@@ -88,3 +88,12 @@ def test_prometheus_rule_is_the_local_rules_file():
     rule = yaml.safe_load((ROOT / "k8s/base/platform/prometheusrule.yaml").read_text())
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"]["groups"] == yaml.safe_load((ROOT / "monitoring/alerts.yaml").read_text())["groups"]
+
+
+def test_k8s_gateway_traces_to_the_services_collector(deploy_cfg, monkeypatch):
+    """The rendered file must not depend on the renderer's environment."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://elsewhere:4317")
+    cfg = yaml.safe_load(render.render("k8s"))
+    collector = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "otel_collector")
+    sock = collector["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert f"http://{sock['address']}:{sock['port_value']}" == deploy_cfg["otlp_endpoint"]
