@@ -4,9 +4,11 @@ and its custom resources carry what their controllers need."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
+from mlplatform_gateway.local import envoy_command
 
 from deploy import generate
 from tests.deploy.conftest import KUBERNETES_VERSION, OVERLAYS, by_kind, run, tool
@@ -158,6 +160,8 @@ def test_gateway_runs_the_rendered_config(rendered):
     for overlay in OVERLAYS:
         objects = rendered[overlay][1]
         pod = by_kind(objects, "Deployment")["gateway"]["spec"]["template"]["spec"]
+        # mlplatform_gateway.local.envoy_command on the mounted ConfigMap (the image's entrypoint is envoy)
+        assert pod["containers"][0]["args"] == envoy_command(Path("/etc/envoy/config/envoy.yaml"))[1:]
         cm_name = pod["volumes"][0]["configMap"]["name"]
         assert cm_name.startswith("gateway-envoy-")  # hashed: a config change rolls the gateway
         source = {"dev": "base/platform", "prod": "overlays/prod", "kserve": "overlays/kserve"}[overlay]
