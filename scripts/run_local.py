@@ -46,6 +46,7 @@ class Service:
 
 SERVICES = [
     Service("fraud", "fraud_service", "FRAUD_", 50051, 9101),
+    Service("cnn", "cnn_service", "CNN_", 50052, 9102),
 ]
 
 
@@ -181,9 +182,24 @@ PY
   #          curl -s http://127.0.0.1:{admin_port}/stats/prometheus   (gateway)
   # Gateway access log (JSON lines): {ROOT / '.run' / 'gateway' / 'access.log'}
 
+{cnn_usage(repo, gateway_port)}
 Limits: 100 requests per minute per API key (the token's `sub`).
 Feature order and valid ranges: {repo / 'fraud' / '1' / 'config.json'} (parameters.features).
 Press Ctrl-C to stop everything.
+"""
+
+
+def cnn_usage(repo: Path, gateway_port: int) -> str:
+    """How to call the cnn service (digit images), with the sample image of its newest version."""
+    cnn = configured(next(svc for svc in SERVICES if svc.name == "cnn"))
+    versions = sorted((int(p.name) for p in (repo / "cnn").iterdir() if p.name.isdigit()), reverse=True)
+    sample = repo / "cnn" / str(versions[0] if versions else 1) / "sample.png"
+    return f"""  # cnn: classify a digit image (PNG/JPEG/BMP, base64 in JSON; bright ink on dark), top 3 classes:
+  curl -s http://127.0.0.1:{gateway_port}/api/v1/cnn -H "Authorization: Bearer $TOKEN" \\
+    -H 'content-type: application/json' -d "{{\\"image\\": \\"$(base64 -w0 {sample})\\", \\"top_k\\": 3}}"
+  # batches: POST /api/v1/cnn:batch {{"inputs": [{{"image": "..."}}, ...]}}; gRPC cnn.v1.CnnService on
+  # 127.0.0.1:{cnn.grpc_port} (or the gateway); OIP model "cnn": input "image" FP32 [N, 1, 32, 32], pixels 0-255.
+  # Metrics (batch sizes, queue wait): curl -s http://127.0.0.1:{cnn.metrics_port}/metrics | grep ^inference_batch
 """
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real model repository, a real Redis, real fraud service processes.
+"""Shared fixtures: the real model repository, a real Redis, real fraud and cnn service processes.
 
 Never import the generated `inference` stubs (or mlplatform.oip / mlplatform.server)
 in the test process: tritonclient registers the same Open Inference Protocol symbols
@@ -23,9 +23,11 @@ MODEL_REPOSITORY = Path(os.environ.get("TEST_MODEL_REPOSITORY", ROOT / "model_re
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
     """The project's model repository, built (deterministically) if missing."""
+    from cnn_service.build_model import build as build_cnn
     from fraud_service.build_model import build
 
     build(MODEL_REPOSITORY, version=1)
+    build_cnn(MODEL_REPOSITORY, version=1)
     return MODEL_REPOSITORY
 
 
@@ -42,6 +44,18 @@ def fraud_service(model_repository: Path, redis_server: RedisServer) -> Iterator
     svc = ServiceProcess("fraud_service", "FRAUD_", env={
         "FRAUD_MODEL_REPOSITORY": str(model_repository),
         "REDIS_URL": redis_server.url,
+    }).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def cnn_service(model_repository: Path) -> Iterator[ServiceProcess]:
+    """A cnn service shared by tests that do not stop it. No prediction cache: every request reaches the
+    batcher, so batch-size and queue-wait metrics count every request (the cache is tested with fraud)."""
+    svc = ServiceProcess("cnn_service", "CNN_", env={
+        "CNN_MODEL_REPOSITORY": str(model_repository),
+        "CNN_CACHE_ENABLED": "false",
     }).start()
     yield svc
     svc.stop()

@@ -10,18 +10,30 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.support.procs import ROOT, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 
+# The cnn service's ports (free ones; replica 1 adds 100).
+CNN_PORTS = {"CNN_GRPC_PORT": str(free_port()), "CNN_METRICS_PORT": str(free_port())}
+
+
+def curl_token(text: str) -> str:
+    """The `TOKEN=...` line the launcher printed."""
+    found = re.search(r"  (TOKEN=\S+)\n", text)
+    assert found, text
+    return found.group(1)
+
 
 def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository):
     grpc_port, metrics_port, redis_port = free_port(), free_port(), free_port()
     gateway_port, admin_port = free_port(), free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
-           "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1"}
+           "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1",
+           **CNN_PORTS}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(redis_port)],
@@ -42,6 +54,16 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
         assert "The platform is up" in text, text
         assert f"redis: started on 127.0.0.1:{redis_port}" in text
         assert f"fraud: SERVING on 127.0.0.1:{grpc_port}" in text
+        assert f"cnn: SERVING on 127.0.0.1:{CNN_PORTS['CNN_GRPC_PORT']}" in text
+        # The printed cnn curl (base64 of the model's sample image) through the gateway.
+        cnn_curl = re.search(r"  (curl -s http://\S+/api/v1/cnn .*?\}\")\n", text, re.S)
+        assert cnn_curl, text
+        cnn_call = subprocess.run(["bash", "-c", f"{curl_token(text)}\n{cnn_curl.group(1)}"], capture_output=True,
+                                  text=True, timeout=30)
+        classification = json.loads(cnn_call.stdout)["classification"]
+        assert classification["model_name"] == "cnn" and len(classification["classes"]) == 3
+        sample_label = np.load(model_repository / "cnn" / "1" / "heldout.npz")["labels"][0]  # sample.png's digit
+        assert classification["classes"][0]["label"] == str(sample_label)
         snippet = re.search(r"<<'PY'\n(.*?)\nPY\n", text, re.S)
         assert snippet, text
         call = subprocess.run([sys.executable, "-"], input=snippet.group(1), capture_output=True, text=True,
@@ -74,7 +96,8 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
 def test_run_local_puts_replicas_behind_the_gateway(model_repository):
     grpc_port, metrics_port, gateway_port, admin_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
-           "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1"}
+           "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1",
+           **CNN_PORTS}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(free_port()), "--replicas", "2", "--no-wait"],
@@ -84,5 +107,8 @@ def test_run_local_puts_replicas_behind_the_gateway(model_repository):
     assert proc.returncode == 0, out
     assert f"fraud: SERVING on 127.0.0.1:{grpc_port}" in out
     assert f"fraud[1]: SERVING on 127.0.0.1:{grpc_port + 100} (metrics :{metrics_port + 100})" in out
-    assert "2/2 upstream hosts healthy" in out
+    cnn_grpc, cnn_metrics = int(CNN_PORTS["CNN_GRPC_PORT"]), int(CNN_PORTS["CNN_METRICS_PORT"])
+    assert f"cnn[1]: SERVING on 127.0.0.1:{cnn_grpc + 100} (metrics :{cnn_metrics + 100})" in out
+    healthy = re.search(r"(\d+)/(\d+) upstream hosts healthy", out)
+    assert healthy and healthy.group(1) == healthy.group(2) and int(healthy.group(1)) >= 4, out  # 2 per service
     assert "stopped." in out

@@ -17,7 +17,7 @@ import numpy as np
 from mlplatform import metrics
 from mlplatform.errors import InvalidInputError
 from mlplatform.repository import ModelConfig, ModelVersion
-from mlplatform.runtimes.onnx import OnnxRuntimeSession
+from mlplatform.runtimes.onnx import OnnxRuntimeSession, resolve_provider_options
 from mlplatform.tensors import TensorSpec, shape_matches, shape_str
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class OnnxModel(Model):
             intra_op_threads=rt.intra_op_threads,
             inter_op_threads=rt.inter_op_threads,
             providers=rt.providers,
-            provider_options=rt.options.get("provider_options"),
+            provider_options=self.provider_options(),
         )
         declared_in = [s.name for s in self.inputs]
         if sorted(self.session.input_names) != sorted(declared_in):
@@ -166,6 +166,16 @@ class OnnxModel(Model):
         missing = {s.name for s in self.outputs} - set(self.session.output_names)
         if missing:
             raise ValueError(f"{self.name} v{self.version}: artifact lacks outputs {sorted(missing)}")
+
+    def provider_options(self) -> dict[str, dict]:
+        """The config's `runtime.options.provider_options` resolved for this version (cache paths under its
+        directory, TensorRT profile for batch 1 / `tensorrt_opt_batch_size` / max_batch_size)."""
+        rt = self.config.runtime
+        return resolve_provider_options(
+            rt.options.get("provider_options"), model_dir=self.model_version.path,
+            inputs=[(s.name, s.shape) for s in self.inputs], max_batch_size=self.max_batch_size,
+            opt_batch_size=rt.options.get("tensorrt_opt_batch_size"),
+        )
 
     @property
     def device(self) -> str:

@@ -47,6 +47,64 @@ def select_providers(
     return [(p, dict(options.get(p, {}))) for p in chosen]
 
 
+# TensorRT options that name a directory: a relative one is resolved against the model version directory.
+TENSORRT_PATH_OPTIONS = ("trt_engine_cache_path", "trt_timing_cache_path")
+TENSORRT_PROFILE_OPTIONS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
+
+
+def tensorrt_profile_shapes(
+    inputs: Sequence[tuple[str, Sequence[int]]], *, min_batch: int, opt_batch: int, max_batch: int
+) -> dict[str, str]:
+    """TensorRT optimisation-profile options for inputs whose only dynamic dimension is the batch.
+
+    `inputs` are (name, shape) with -1 for the batch dimension, e.g. ("image", [-1, 1, 28, 28]) with
+    batches 1/16/32 gives `trt_profile_min_shapes="image:1x1x28x28"`, opt `16x...`, max `32x...`.
+    """
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"TensorRT profile needs 1 <= min <= opt <= max batch, "
+                         f"got {min_batch}/{opt_batch}/{max_batch}")
+
+    def shapes(batch: int) -> str:
+        parts = []
+        for name, shape in inputs:
+            if not shape or shape[0] != -1 or any(d < 1 for d in shape[1:]):
+                raise ValueError(f"input {name!r} shape {list(shape)}: a TensorRT profile can only be derived "
+                                 "when the batch is the only dynamic dimension; set trt_profile_*_shapes")
+            parts.append(f"{name}:" + "x".join(str(d) for d in [batch, *shape[1:]]))
+        return ",".join(parts)
+
+    return dict(zip(TENSORRT_PROFILE_OPTIONS, (shapes(min_batch), shapes(opt_batch), shapes(max_batch)),
+                    strict=True))
+
+
+def resolve_provider_options(
+    options: Mapping[str, Mapping[str, Any]] | None,
+    *,
+    model_dir: Path,
+    inputs: Sequence[tuple[str, Sequence[int]]] = (),
+    max_batch_size: int = 1,
+    opt_batch_size: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """A model config's provider options made concrete for one version directory.
+
+    TensorRT: relative cache paths (`trt_engine_cache_path`, `trt_timing_cache_path`) become
+    `model_dir/<path>`, and unless the config sets `trt_profile_*_shapes` itself, an optimisation
+    profile for batch 1 / `opt_batch_size` (default: max) / `max_batch_size` is derived from `inputs`.
+    Other providers' options are copied unchanged.
+    """
+    out = {name: dict(opts) for name, opts in (options or {}).items()}
+    trt = out.get(TENSORRT)
+    if trt is None:
+        return out
+    for key in TENSORRT_PATH_OPTIONS:
+        if key in trt and not Path(str(trt[key])).is_absolute():
+            trt[key] = str(Path(model_dir) / str(trt[key]))
+    if inputs and not any(k in trt for k in TENSORRT_PROFILE_OPTIONS):
+        trt.update(tensorrt_profile_shapes(inputs, min_batch=1, opt_batch=opt_batch_size or max_batch_size,
+                                           max_batch=max_batch_size))
+    return out
+
+
 class OnnxRuntimeSession:
     """An ONNX Runtime InferenceSession with thread settings and provider selection."""
 
@@ -66,6 +124,11 @@ class OnnxRuntimeSession:
         so.inter_op_num_threads = inter_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         requested = select_providers(ort.get_available_providers(), providers, provider_options)
+        for name, opts in requested:  # TensorRT writes its caches there; it must exist
+            if name == TENSORRT:
+                for key in TENSORRT_PATH_OPTIONS:
+                    if key in opts:
+                        Path(str(opts[key])).mkdir(parents=True, exist_ok=True)
         self.session = ort.InferenceSession(
             str(path),
             sess_options=so,

@@ -1,0 +1,1 @@
+"""Digit-image classification service: image decoding, validation, pre/post-processing and wiring."""
