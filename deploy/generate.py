@@ -115,8 +115,8 @@ def model_container(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict
         "livenessProbe": probe("", 10, 3, 5),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S}}},
         "securityContext": container_security(),
-        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+        # The pod's own copy (emptyDir), writable: TensorRT keeps its engine cache next to the model.
+        "volumeMounts": [{"name": "models", "mountPath": "/models"}, {"name": "tmp", "mountPath": "/tmp"}],
     }
 
 

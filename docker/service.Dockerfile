@@ -14,14 +14,14 @@ FROM python:3.11.14-slim-bookworm AS python-cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV TORCH_INDEX=${TORCH_INDEX}
 
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS python-gpu
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS python-gpu
 # Ubuntu 24.04's Python 3.12 (the project needs >= 3.11).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && ln -s /usr/bin/python3 /usr/local/bin/python
-# CUDA torch matching the base image's CUDA 12.8.
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# CUDA 13 torch, matching the base image and PyPI's onnxruntime-gpu (a CUDA 13 build).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
 ENV TORCH_INDEX=${TORCH_INDEX}
 
 # --- build: stubs generated, service installed into /opt/venv ------------------------------
@@ -30,7 +30,7 @@ ARG SERVICE
 ARG VARIANT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY constraints.txt ./
+COPY constraints.txt docker/constraints-gpu.txt ./
 COPY protos/ protos/
 # protoc lives in a throw-away venv: generated stubs only go into the image.
 RUN python -m venv /opt/protoc \
@@ -42,11 +42,11 @@ COPY services/${SERVICE}/ services/${SERVICE}/
 # may pull in: the CPU wheel is removed and the GPU one reinstalled over it.
 RUN test -n "${SERVICE}" || { echo "build arg SERVICE is required (fraud, cnn, sentiment)"; exit 1; } \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt \
+ && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt -c constraints-gpu.txt \
       ./protos "./libs[${VARIANT}]" "./services/${SERVICE}" \
  && if [ "${VARIANT}" = gpu ] && /opt/venv/bin/pip show -q onnxruntime 2>/dev/null; then \
       /opt/venv/bin/pip uninstall -y onnxruntime \
-      && /opt/venv/bin/pip install --force-reinstall --no-deps -c constraints.txt onnxruntime-gpu; fi \
+      && /opt/venv/bin/pip install --force-reinstall --no-deps -c constraints-gpu.txt onnxruntime-gpu; fi \
  && /opt/venv/bin/pip check
 
 # --- runtime ------------------------------------------------------------------------------
