@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -95,6 +96,11 @@ def service_env(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict[str
     return env
 
 
+def settings_digest(env: dict[str, str]) -> str:
+    """sha256 of a settings ConfigMap's data (the pod template annotation that rolls pods on change)."""
+    return hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()
+
+
 def model_container(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict[str, Any]:
     port = svc["grpc_port"]
     probe = lambda service, period, failures, timeout=2: {  # noqa: E731
@@ -150,7 +156,10 @@ def service_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list
             "selector": {"matchLabels": selector(name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
             "template": {
-                "metadata": {"labels": labels(name), "annotations": {"kubectl.kubernetes.io/default-container": name}},
+                "metadata": {"labels": labels(name), "annotations": {
+                    "kubectl.kubernetes.io/default-container": name,
+                    # A settings change changes the pod template: a rolling update (a canary in prod).
+                    "mlplatform.io/settings-sha256": settings_digest(service_env(cfg, name, svc))}},
                 "spec": {
                     "serviceAccountName": name,
                     "automountServiceAccountToken": False,

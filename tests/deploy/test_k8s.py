@@ -129,6 +129,8 @@ def test_model_services_probe_drain_and_stop_in_order(rendered, overlay, service
         env_cm = next(cm for n, cm in config_maps.items() if n.startswith(f"{name}-settings"))["data"]
         assert env_cm[f"{p}HOST"] == "0.0.0.0" and env_cm[f"{p}MODEL_REPOSITORY"] == "/models"
         assert ("REDIS_URL" in env_cm) == svc["redis"]
+        annotations = deployments[name]["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["mlplatform.io/settings-sha256"] == generate.settings_digest(env_cm)
         pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
         budget = pre_stop + float(env_cm[f"{p}DRAIN_DELAY_S"]) + float(env_cm[f"{p}GRACE_PERIOD_S"])
         assert pod["terminationGracePeriodSeconds"] > budget
