@@ -362,6 +362,8 @@ def inference_service(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> di
         "minReplicas": svc["autoscaling"]["min_replicas"], "maxReplicas": svc["autoscaling"]["max_replicas"],
         "canaryTrafficPercent": render.load_values("k8s")["canary"]["weight_percent"],
         "serviceAccountName": name,
+        # The predictor pods carry the service's name label, so the Redis NetworkPolicy admits fraud's.
+        "labels": selector(name),
         "timeout": 15,
         "securityContext": pod_security(),
         "containers": [container],

@@ -279,6 +279,7 @@ def test_kserve_inference_services_are_custom_grpc_predictors_with_a_canary(rend
         assert env[f"{services[name]['env_prefix']}MODEL_REPOSITORY"] == "/mnt/models"
         assert container["command"] == ["python", "-m", services[name]["module"]]
         assert predictor["serviceAccountName"] in by_kind(objects, "ServiceAccount")
+        assert predictor["labels"] == {"app.kubernetes.io/name": name}  # what the NetworkPolicies select
 
 
 def test_generator_namespace_is_the_service_list_namespace(deploy_cfg):
