@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from tests.deploy.conftest import run, tool
 from tests.support.procs import ROOT, GatewayProcess, free_port
 
 DOCKERFILES = {"service": ROOT / "docker" / "service.Dockerfile", "gateway": ROOT / "docker" / "gateway.Dockerfile"}
@@ -40,6 +41,17 @@ def test_multi_stage_pinned_bases_non_root_with_healthcheck(kind):
     assert users and users[-1].split(":")[0] not in ("root", "0"), f"{kind}: runs as {users}"
     assert any(op == "HEALTHCHECK" for op, _ in ins)
     assert any(op == "COPY" and "--from=build" in args for op, args in after), "runtime copies from the build stage"
+
+
+def test_hadolint_passes_with_only_the_justified_ignores(tmp_path):
+    config = ROOT / "docker" / "hadolint.yaml"
+    proc = run([tool("hadolint"), "--config", str(config), *map(str, DOCKERFILES.values())])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # ...and it does lint: a floating base and a root user are reported.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install numpy\nUSER root\n")
+    proc = run([tool("hadolint"), "--config", str(config), str(bad)])
+    assert proc.returncode != 0 and "DL3007" in proc.stdout and "DL3002" in proc.stdout
 
 
 def test_service_image_installs_runtime_dependencies_only():
