@@ -89,8 +89,12 @@ def _service_entries(values: dict[str, Any]) -> list[dict[str, Any]]:
         for method, tiers in method_limits.items():
             if method.startswith(prefix):
                 overrides[method.removeprefix(prefix)] = {**values["rate_limit"]["tiers"], **tiers}
-        canary = values.get("canary")
-        canary_endpoints = [(canary["host"].format(name=name), svc["port"])] if canary else []
+        canary = values.get("canary") or {}
+        configured_canary = (canary.get("endpoints") or {}).get(name)
+        if configured_canary:
+            canary_endpoints = [parse_endpoint(e, svc["port"]) for e in configured_canary]
+        else:
+            canary_endpoints = [(canary["host"].format(name=name), svc["port"])] if canary else []
         entries.append({"name": name, "grpc_service": svc["grpc_service"], "endpoints": endpoints,
                         "canary_endpoints": canary_endpoints,
                         "streaming_methods": svc.get("streaming_methods", []), "rate_limit_methods": overrides})
