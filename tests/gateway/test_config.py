@@ -57,7 +57,9 @@ def test_the_filter_chain_is_the_same_in_every_variant(files_dir):
         "envoy.filters.http.health_check", "envoy.filters.http.header_mutation", "envoy.filters.http.jwt_authn",
         "envoy.filters.http.buffer", "envoy.filters.http.grpc_json_transcoder", "envoy.filters.http.local_ratelimit",
         "envoy.filters.http.router"]
-    assert chains["compose"] == chains["local"] == chains["k8s"]
+    assert chains["compose"] == chains["local"]
+    # Kubernetes counts globally (every gateway replica asks the rate-limit service), same place in the chain.
+    assert chains["k8s"] == [f.replace("local_ratelimit", "ratelimit") for f in chains["local"]]
 
 
 def test_variants_differ_in_addresses_jwks_and_limit_sharing(files_dir):
@@ -79,8 +81,46 @@ def test_variants_differ_in_addresses_jwks_and_limit_sharing(files_dir):
     assert provider(local)["local_jwks"] == {"filename": f"{files_dir}/jwks.json"}
     assert provider(k8s)["remote_jwks"]["http_uri"]["uri"] == "https://auth.example.com/.well-known/jwks.json"
     assert "jwks" in clusters(k8s) and "transport_socket" in clusters(k8s)["jwks"]
-    assert k8s["cluster_manager"]["local_cluster_name"] == "gateway_peers"
     assert "local_cluster_name" not in local.get("cluster_manager", {})
+    assert clusters(k8s)["ratelimit"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"] == {
+        "address": {"socket_address": {"address": "ratelimit.mlplatform.svc.cluster.local", "port_value": 8081}}}
+    assert "ratelimit" not in clusters(local) and "fraud_canary" not in clusters(local)
+
+
+def _hcm(cfg: dict) -> dict:
+    return cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_k8s_global_rate_limit_sends_the_same_descriptors_as_the_local_limit(files_dir):
+    local, k8s = (yaml.safe_load(render.render(v, {"files_dir": str(files_dir)})) for v in ("local", "k8s"))
+    local_filter = next(f for f in _hcm(local)["http_filters"] if f["name"].endswith("local_ratelimit"))
+    global_filter = next(f for f in _hcm(k8s)["http_filters"] if f["name"] == "envoy.filters.http.ratelimit")
+    cfg = global_filter["typed_config"]
+    assert cfg["domain"] == "mlplatform" and cfg["request_type"] == "both"
+    assert cfg["rate_limit_service"]["grpc_service"] == {"envoy_grpc": {"cluster_name": "ratelimit"}}
+    assert cfg["rate_limited_as_resource_exhausted"] is True
+    vh_limits = _hcm(k8s)["route_config"]["virtual_hosts"][0]["rate_limits"]
+    # (tier, api_key) exactly as the local filter builds it, plus (tier) alone for unlisted tiers.
+    assert vh_limits[0]["actions"] == local_filter["typed_config"]["rate_limits"][0]["actions"]
+    assert vh_limits[1]["actions"] == vh_limits[0]["actions"][:1]
+
+
+def test_k8s_canary_split_and_header_route(files_dir):
+    k8s = yaml.safe_load(render.render("k8s", {"files_dir": str(files_dir)}))
+    routes = _hcm(k8s)["route_config"]["virtual_hosts"][0]["routes"]
+    header_routes = [r for r in routes if "headers" in r["match"]]
+    assert header_routes and all(r["route"]["cluster"].endswith("_canary") for r in header_routes)
+    assert all(r["match"]["headers"] == [{"name": "x-canary", "string_match": {"exact": "true"}}]
+               for r in header_routes)
+    assert routes.index(header_routes[-1]) < min(routes.index(r) for r in routes if "headers" not in r["match"])
+    split = next(r for r in routes if r["match"] == {"prefix": "/fraud.v1.FraudService/"})
+    assert split["route"]["weighted_clusters"]["clusters"] == [{"name": "fraud", "weight": 95},
+                                                               {"name": "fraud_canary", "weight": 5}]
+    canary = clusters(k8s)["fraud_canary"]
+    assert canary["cluster_type"]["typed_config"]["clusters"] == ["fraud_canary_pods", "fraud"]
+    pods = clusters(k8s)["fraud_canary_pods"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert pods["address"]["socket_address"]["address"] == "fraud-canary-headless.mlplatform.svc.cluster.local"
+    assert clusters(k8s)["fraud_canary_pods"]["health_checks"] == clusters(k8s)["fraud"]["health_checks"]
 
 
 def _jwt_provider(cfg: dict) -> dict:
@@ -147,6 +187,10 @@ def test_tracing_is_off_without_an_endpoint(files_dir, monkeypatch):
     ({"auth": {"jwks": {"file": None, "uri": "ftp://x/jwks"}}}, "http(s) URL"),
     ({"auth": {"issuer": ""}}, "auth.issuer"),
     ({"rate_limit": {"share_across_gateway_replicas": True}}, "gateway_peers"),
+    ({"rate_limit": {"global_service": {"host": "rl", "port": 8081, "domain": "d", "timeout_ms": 50,
+                                        "failure_mode_deny": False},
+                     "methods": {"fraud.v1.FraudService/PredictBatch": {"standard": 20}}}}, "cannot be combined"),
+    ({"canary": {"weight_percent": 120, "header": "x-canary", "host": "{name}-canary"}}, "weight_percent"),
 ])
 def test_bad_values_are_refused_with_a_reason(files_dir, overrides, message):
     with pytest.raises(render.GatewayConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -204,12 +248,12 @@ def test_cli_renders_validates_and_prints_tokens(tmp_path):
     out = tmp_path / "k8s.yaml"
     proc = subprocess.run([sys.executable, "-m", "mlplatform_gateway", "--key-dir", str(tmp_path / "keys"),
                            "render", "--variant", "k8s", "--validate", "--out", str(out),
-                           "--set", "rate_limit.requests_per_minute=60"],
+                           "--set", "canary.weight_percent=10"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "envoy accepts the k8s config" in proc.stderr
     assert "/etc/envoy/descriptors.pb" in out.read_text()
-    assert "max_tokens: 60," in out.read_text()
+    assert "{name: fraud, weight: 90}" in out.read_text()
     token = subprocess.run([sys.executable, "-m", "mlplatform_gateway", "--key-dir", str(tmp_path / "keys"),
                             "token", "--sub", "carol"], capture_output=True, text=True, timeout=30, check=True)
     assert jwt.decode(token.stdout.strip(), options={"verify_signature": False})["sub"] == "carol"

