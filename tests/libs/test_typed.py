@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from mlplatform.errors import InvalidInputError, NotFoundError, ServingError
-from mlplatform.typed import check_batch_size, check_version, split_valid, stream_results
+from mlplatform.typed import batch_results, check_batch_size, check_version, split_valid, stream_results
 
 MODEL = SimpleNamespace(name="digits", version="3")
 
@@ -72,3 +72,33 @@ async def test_stream_results_answers_each_message_in_order_with_its_own_error()
     out = [r async for r in stream_results(requests(), handle, on_error, max_in_flight=2)]
     assert out == ["sqrt=2", "error[1] INVALID_ARGUMENT: negative: -1", "sqrt=3",
                    "error[3] INVALID_ARGUMENT: negative: -2", "sqrt=4"]
+
+
+async def test_batch_results_predicts_good_items_together_and_answers_every_item_in_order():
+    def parse(i: int, item: str) -> int:
+        if not item.isdigit():
+            raise InvalidInputError(f"items[{i}]: not a number")
+        return int(item)
+
+    calls: list[tuple[list[int], list[int]]] = []
+
+    async def predict(indices: list[int], values: list[int]) -> list[int]:
+        calls.append((indices, values))
+        return [v * v for v in values]
+
+    items = ["3", "x", "4", "y"]
+    out = await batch_results(split_valid(items, parse), len(items), predict, lambda v: f"ok {v}",
+                              lambda i, err: f"error[{i}] {err.message}")
+    assert out == ["ok 9", "error[1] items[1]: not a number", "ok 16", "error[3] items[3]: not a number"]
+    assert calls == [([0, 2], [3, 4])]  # one predict call for the good items
+
+
+async def test_batch_results_with_no_good_item_does_not_predict():
+    async def predict(indices: list[int], values: list[int]) -> list[int]:
+        raise AssertionError("predict called for an all-bad batch")
+
+    def parse(i: int, item: str) -> int:
+        raise InvalidInputError(f"items[{i}]: bad")
+
+    out = await batch_results(split_valid(["a", "b"], parse), 2, predict, str, lambda i, err: err.message)
+    assert out == ["items[0]: bad", "items[1]: bad"]

@@ -7,15 +7,49 @@ crashed build never leaves a half-written version that the server would load.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 _clock = {"start": time.perf_counter()}
+
+
+class BuildError(RuntimeError):
+    """The build cannot produce a trustworthy artifact (accuracy too low, parity with the source model failed)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_arg_parser(prog: str, doc: str | None, *, seed: int) -> argparse.ArgumentParser:
+    """A build script's parser with the options every build has: --repository, --version, --seed, --force."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser.add_argument("--repository", type=Path, required=True, help="model repository root")
+    parser.add_argument("--version", type=_positive_int, default=1, help="model version to write (default 1)")
+    parser.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the version exists")
+    return parser
+
+
+def run_build(build: Callable[[], object]) -> int:
+    """Run a build for a command line: exit status 0, or 1 with the reason on stderr when it raises BuildError."""
+    try:
+        build()
+    except BuildError as exc:
+        print(f"build failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def reset_clock() -> None:

@@ -4,7 +4,8 @@ A typed servicer maps its proto messages to tensors and back; the checks and the
 control flow around that are the same for every service and live here:
 `check_version` (the served version or NOT_FOUND), `check_batch_size` (empty or
 over-limit batches), `split_valid` (parse each item of a batch, keeping per-item
-errors so one bad item never fails the others) and `stream_results` (a bidi
+errors so one bad item never fails the others), `batch_results` (predict the good
+items, answer every item in order) and `stream_results` (a bidi
 stream answered in order, a bad message answered with its own error).
 """
 
@@ -20,6 +21,7 @@ from mlplatform.streaming import ordered_concurrent
 
 Item = TypeVar("Item")
 Parsed = TypeVar("Parsed")
+Answer = TypeVar("Answer")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -60,6 +62,28 @@ def split_valid(items: Sequence[Item], parse: Callable[[int, Item], Parsed]) -> 
         out.indices.append(i)
         out.values.append(value)
     return out
+
+
+async def batch_results(
+    parsed: Split[Parsed],
+    n: int,
+    predict: Callable[[list[int], list[Parsed]], Awaitable[Sequence[Answer]]],
+    ok: Callable[[Answer], Resp],
+    on_error: Callable[[int, ServingError], Resp],
+) -> list[Resp]:
+    """One response per item of an n-item batch, in order: `ok(answer)` for each parsed item (predicted
+    together in one `predict(indices, values)` call), `on_error(index, err)` for each item that failed to parse."""
+    results: list[Resp | None] = [None] * n
+    for i, err in parsed.errors.items():
+        results[i] = on_error(i, err)
+    if parsed.indices:
+        answers = await predict(parsed.indices, parsed.values)
+        for i, answer in zip(parsed.indices, answers, strict=True):
+            results[i] = ok(answer)
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise ValueError(f"items {missing} got no answer (split of {n} items does not cover them)")
+    return results  # type: ignore[return-value]
 
 
 async def stream_results(

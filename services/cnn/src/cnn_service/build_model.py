@@ -19,7 +19,6 @@ only `built_at` changes.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import warnings
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mlplatform.build import json_bytes, log_step, reset_clock, write_version
+from mlplatform.build import BuildError, build_arg_parser, json_bytes, log_step, reset_clock, run_build, write_version
 
 MODEL_NAME = "cnn"
 INPUT_NAME = "image"
@@ -90,9 +89,6 @@ CONFIG_STATIC: dict[str, Any] = {
 
 LIMITS = {"max_image_bytes": 1 << 20, "max_image_pixels": 4096 * 4096}
 
-
-class BuildError(RuntimeError):
-    """The build cannot produce a trustworthy artifact (low accuracy, ONNX parity failed)."""
 
 
 @dataclass(frozen=True)
@@ -384,23 +380,13 @@ def build(repository: Path, version: int = 1, seed: int = 42, epochs: int = 20, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; exit status 0 on success, 1 on a failed build."""
-    parser = argparse.ArgumentParser(prog="python -m cnn_service.build_model",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, required=True, help="model repository root")
-    parser.add_argument("--version", type=int, default=1, help="model version to write (default 1)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    parser = build_arg_parser("python -m cnn_service.build_model", __doc__, seed=42)
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the version exists")
     args = parser.parse_args(argv)
-    if args.version < 1 or args.epochs < 1:
-        parser.error("--version and --epochs must be >= 1")
-    try:
-        build(args.repository, version=args.version, seed=args.seed, epochs=args.epochs, force=args.force)
-    except BuildError as exc:
-        print(f"build failed: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    return run_build(lambda: build(args.repository, version=args.version, seed=args.seed, epochs=args.epochs,
+                                   force=args.force))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ from cnn_service.model import INPUT, PROBABILITIES, CnnModel
 from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
 from mlplatform.interceptors import set_request_model
 from mlplatform.pipeline import Predictor
-from mlplatform.typed import Split, check_batch_size, check_version, split_valid, stream_results
+from mlplatform.typed import Split, batch_results, check_batch_size, check_version, split_valid, stream_results
 
 SERVICE_NAME = "cnn.v1.CnnService"
 # Encoded images larger than this (in total, per request) are decoded on a worker thread, off the event loop.
@@ -110,14 +110,12 @@ class CnnServicer(pb_grpc.CnnServiceServicer):
         n = len(request.inputs)
         check_batch_size(n, self.model.max_batch_size, "inputs")
         parsed = await self._parse(request.inputs, [f"inputs[{i}]" for i in range(n)])
-        results: list[pb.ClassificationResult | None] = [None] * n
-        for i, err in parsed.errors.items():
-            results[i] = _error_result(i, err)
-        if parsed.indices:
-            ids = [request.inputs[i].id for i in parsed.indices]
-            classified = await self._classify(parsed.values, ids, k, context)
-            for i, classification in zip(parsed.indices, classified, strict=True):
-                results[i] = pb.ClassificationResult(classification=classification)
+
+        async def classify(indices: list[int], pixels: list[np.ndarray]) -> list[pb.Classification]:
+            return await self._classify(pixels, [request.inputs[i].id for i in indices], k, context)
+
+        results = await batch_results(parsed, n, classify, lambda c: pb.ClassificationResult(classification=c),
+                                      _error_result)
         return pb.PredictBatchResponse(results=results, model_name=self.model.name, model_version=self.model.version)
 
     async def StreamPredict(

@@ -15,7 +15,6 @@ The same seed gives the same data, model, metrics and ONNX bytes; only `built_at
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from mlplatform.build import json_bytes, log_step, reset_clock, write_version
+from mlplatform.build import (
+    BuildError,
+    build_arg_parser,
+    json_bytes,
+    log_step,
+    reset_clock,
+    run_build,
+    write_version,
+)
 
 MODEL_NAME = "fraud"
 INPUT_NAME = "features"
@@ -92,9 +99,6 @@ CONFIG_STATIC: dict[str, Any] = {
 # Daytime-heavy hour profile (index = hour).
 _HOUR_WEIGHTS = np.array([2, 1.5, 1, 1, 1, 1.5, 3, 5, 7, 8, 8, 9, 10, 9, 8, 8, 8, 9, 9, 8, 7, 6, 4, 3])
 
-
-class BuildError(RuntimeError):
-    """The build cannot produce a trustworthy artifact (e.g. ONNX parity failed)."""
 
 
 @dataclass(frozen=True)
@@ -408,23 +412,13 @@ def build(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; exit status 0 on success, 1 on a failed build."""
-    parser = argparse.ArgumentParser(prog="python -m fraud_service.build_model",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, required=True, help="model repository root")
-    parser.add_argument("--version", type=int, default=1, help="model version to write (default 1)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    parser = build_arg_parser("python -m fraud_service.build_model", __doc__, seed=42)
     parser.add_argument("--rows", type=int, default=200_000, help="rows to generate (default 200000)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the version exists")
     args = parser.parse_args(argv)
-    if args.version < 1 or args.rows < 1_000:
-        parser.error("--version must be >= 1 and --rows >= 1000")
-    try:
-        build(args.repository, version=args.version, seed=args.seed, rows=args.rows, force=args.force)
-    except BuildError as exc:
-        print(f"build failed: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
+    if args.rows < 1_000:
+        parser.error("--rows must be >= 1000")
+    return run_build(lambda: build(args.repository, version=args.version, seed=args.seed, rows=args.rows,
+                                   force=args.force))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from fraud_service.model import INPUT, PROBABILITIES, FraudModel
 from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
 from mlplatform.interceptors import set_request_model
 from mlplatform.pipeline import Prediction, Predictor
-from mlplatform.typed import check_batch_size, check_version, split_valid, stream_results
+from mlplatform.typed import batch_results, check_batch_size, check_version, split_valid, stream_results
 
 SERVICE_NAME = "fraud.v1.FraudService"
 
@@ -73,14 +73,12 @@ class FraudServicer(pb_grpc.FraudServiceServicer):
         n = len(request.transactions)
         check_batch_size(n, self.model.max_batch_size, "transactions")
         parsed = split_valid(request.transactions, lambda i, tx: self._row(tx, f"transactions[{i}]"))
-        results: list[pb.FraudResult | None] = [None] * n
-        for i, err in parsed.errors.items():
-            results[i] = _error_result(i, err)
-        if parsed.indices:
-            ids = [request.transactions[i].transaction_id for i in parsed.indices]
-            scored = await self._score(np.stack(parsed.values), ids, context)
-            for i, prediction in zip(parsed.indices, scored, strict=True):
-                results[i] = pb.FraudResult(prediction=prediction)
+
+        async def score(indices: list[int], rows: list[np.ndarray]) -> list[pb.FraudPrediction]:
+            return await self._score(np.stack(rows), [request.transactions[i].transaction_id for i in indices],
+                                     context)
+
+        results = await batch_results(parsed, n, score, lambda p: pb.FraudResult(prediction=p), _error_result)
         return pb.PredictBatchResponse(results=results, model_name=self.model.name, model_version=self.model.version)
 
     async def StreamPredict(

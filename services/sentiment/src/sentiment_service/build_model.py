@@ -16,7 +16,6 @@ the config, the artifacts, the eager state dict and the tokenizer.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlplatform.build import json_bytes, log_step, reset_clock, write_version
+from mlplatform.build import BuildError, build_arg_parser, json_bytes, log_step, reset_clock, run_build, write_version
 from sentiment_service.network import EncoderConfig, SentimentNetwork, load_pretrained_encoder
 from sentiment_service.text import TextEncoder
 
@@ -52,9 +51,6 @@ BATCH = 16
 RUNTIME_INPUTS = ["input_ids", "attention_mask"]
 RUNTIME_OUTPUTS = ["probabilities"]
 
-
-class BuildError(RuntimeError):
-    """The build cannot produce a trustworthy artifact (accuracy or parity failed)."""
 
 
 @dataclass(frozen=True)
@@ -333,23 +329,14 @@ def build(repository: Path, version: int = 1, *, seed: int = 13, epochs: int = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, required=True)
-    parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=13)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=DATA_FILE)
-    parser.add_argument("--force", action="store_true")
+    """Command-line entry point; exit status 0 on success, 1 on a failed build."""
+    parser = build_arg_parser("python -m sentiment_service.build_model", __doc__, seed=13)
+    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--data", type=Path, default=DATA_FILE, help="labelled data set (JSON lines)")
     args = parser.parse_args(argv)
-    try:
-        build(args.repository, args.version, seed=args.seed, epochs=args.epochs, threads=args.threads,
-              force=args.force, data=args.data)
-    except BuildError as exc:
-        print(f"build failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
+    return run_build(lambda: build(args.repository, args.version, seed=args.seed, epochs=args.epochs,
+                                   threads=args.threads, force=args.force, data=args.data))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ from sentiment.v1 import sentiment_pb2_grpc as pb_grpc
 from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
 from mlplatform.interceptors import set_request_model
 from mlplatform.pipeline import Predictor
-from mlplatform.typed import check_batch_size, check_version, split_valid, stream_results
+from mlplatform.typed import batch_results, check_batch_size, check_version, split_valid, stream_results
 from sentiment_service.model import INPUT, PROBABILITIES, TOKENS, TRUNCATED, SentimentModel
 
 SERVICE_NAME = "sentiment.v1.SentimentService"
@@ -72,13 +72,11 @@ class SentimentServicer(pb_grpc.SentimentServiceServicer):
         n = len(request.texts)
         check_batch_size(n, self.model.max_batch_size, "texts")
         parsed = split_valid(request.texts, lambda i, text: self._text(text, f"texts[{i}]"))
-        results: list[pb.SentimentResult | None] = [None] * n
-        for i, err in parsed.errors.items():
-            results[i] = _error_result(i, err)
-        if parsed.indices:
-            classified = await self._classify(parsed.values, context)
-            for i, prediction in zip(parsed.indices, classified, strict=True):
-                results[i] = pb.SentimentResult(prediction=prediction)
+
+        async def classify(indices: list[int], texts: list[str]) -> list[pb.SentimentPrediction]:
+            return await self._classify(texts, context)
+
+        results = await batch_results(parsed, n, classify, lambda p: pb.SentimentResult(prediction=p), _error_result)
         return pb.PredictBatchResponse(results=results, model_name=self.model.name,
                                        model_version=self.model.version)
 
