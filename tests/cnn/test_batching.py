@@ -8,11 +8,13 @@ import time
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from cnn.v1 import cnn_pb2 as pb
 from cnn.v1 import cnn_pb2_grpc as rpc
 
 from tests.cnn.helpers import tensor
+from tests.support.procs import ServiceProcess
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +98,36 @@ def test_the_service_reports_the_providers_onnx_runtime_gave_it(cnn_service, cnn
     assert len(info) == 1
     assert dict(info[0])["providers"] == expected
     assert dict(info[0])["device"] == ("cpu" if expected.startswith("CPU") else "gpu")
+
+
+def test_padding_to_preferred_sizes_keeps_answers_exact(tmp_path, cnn_dir, cnn_config, heldout, onnx_probabilities):
+    """`pad_to_preferred: always` (what `gpu` does on a GPU): runtime calls carry 8, 16 or 32 rows; each
+    caller still gets its own image's probabilities, and the padding is counted."""
+    import json
+    import shutil
+
+    version = tmp_path / "cnn" / "1"
+    shutil.copytree(cnn_dir, version, ignore=shutil.ignore_patterns("trt_cache"))
+    config = {**cnn_config, "batching": {**cnn_config["batching"], "pad_to_preferred": "always"}}
+    (version / "config.json").write_text(json.dumps(config))
+    svc = ServiceProcess("cnn_service", "CNN_", env={"CNN_MODEL_REPOSITORY": str(tmp_path),
+                                                     "CNN_CACHE_ENABLED": "false"}).start()
+    try:
+        assert "batches padded up to sizes [8, 16, 32] on cpu" in svc.logs()
+        images = heldout[0][:45]
+        requests = [pb.PredictRequest(id=str(i), tensor=tensor(images[i]), top_k=10) for i in range(45)]
+        before = scrape(svc.metrics_port)
+        responses = asyncio.run(_concurrent(svc.target, requests))
+        after = scrape(svc.metrics_port)
+    finally:
+        svc.stop()
+    expected = onnx_probabilities(images)
+    for i, r in enumerate(responses):
+        got = {int(c.class_index): c.probability for c in r.classification.classes}
+        np.testing.assert_allclose([got[c] for c in range(10)], expected[i], atol=1e-5)
+    rows = delta(before, after, "inference_batch_size_sum")
+    padding = delta(before, after, "inference_batch_padding_rows_total")
+    assert rows == 45
+    assert padding > 0
+    # every runtime call was 8, 16 or 32 rows: real + padding rows add up to such calls
+    assert (rows + padding) % 8 == 0

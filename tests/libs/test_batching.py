@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from mlplatform.batching import BatchResult, DynamicBatcher, group_by_length
+from mlplatform.batching import BatchResult, DynamicBatcher, group_by_length, pad_rows
 from mlplatform.errors import (
     DeadlineExpiredError,
     InferenceError,
@@ -417,3 +417,32 @@ async def test_length_aware_batching_rejects_lengths_that_do_not_match_the_rows(
     batcher = await make_batcher(RecordingInfer(), lengths_of=lambda inputs: np.array([1, 2, 3]))
     with pytest.raises(InvalidInputError, match="sequence lengths"):
         await batcher.submit({"x": np.zeros((2, 2))})
+
+
+def test_pad_rows_repeats_the_last_row_up_to_the_smallest_size_that_holds_the_batch():
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    padded = pad_rows({"x": x}, 3, [8, 16, 32])
+    assert padded["x"].shape == (8, 2)
+    np.testing.assert_array_equal(padded["x"][:3], x)
+    np.testing.assert_array_equal(padded["x"][3:], np.tile(x[-1], (5, 1)))
+    assert pad_rows({"x": x}, 3, [2, 3])["x"] is x  # already an allowed size
+    assert pad_rows({"x": x}, 3, [1, 2])["x"] is x  # over every size: as is
+
+
+async def test_padded_batches_reach_the_runtime_at_allowed_sizes_and_answer_only_real_rows(make_batcher):
+    infer = RecordingInfer()
+    batcher = await make_batcher(infer, max_batch_size=16, max_queue_delay_s=0.02)
+    batcher.pad_sizes = [4, 8, 16]
+    requests = [request(i) for i in range(23)]
+
+    results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+
+    assert {len(c) for c in infer.calls} <= {4, 8, 16}, [len(c) for c in infer.calls]
+    real = sum(batcher.stats.batch_sizes)
+    assert real == 23
+    assert batcher.stats.padding_rows == sum(len(c) for c in infer.calls) - 23 > 0
+    for inputs, result in zip(requests, results, strict=True):  # padding rows never reach a caller
+        assert result.outputs["y"].shape == inputs["x"].shape
+        np.testing.assert_array_equal(result.outputs["y"], expected(inputs))
+    assert REGISTRY.get_sample_value("inference_batch_padding_rows_total",
+                                     {"model": "model", "version": "1"}) >= batcher.stats.padding_rows

@@ -15,6 +15,10 @@ than one extra runtime call costs (`group_overhead`, in positions); each group r
 as its own batch, padded only to its longest member. The batch is still taken
 oldest-first, so grouping never starves a request. Real vs padded positions (and
 what one unsplit batch would have padded) are counted for Prometheus and `stats`.
+
+Fixed batch shapes (`pad_sizes`): each runtime call is padded with copies of its
+last row up to the smallest allowed size that holds it, and the outputs are cut
+back, so a runtime that sets up every new shape (CUDA, cuDNN) only sees warmed ones.
 """
 
 from __future__ import annotations
@@ -101,6 +105,16 @@ class BatcherStats:
     """Positions computed: each group's rows x its longest member."""
     unsplit_positions: int = 0
     """Positions one batch of everything taken together (FIFO, no grouping) would have computed."""
+    padding_rows: int = 0
+    """Rows added to reach a size in `pad_sizes`."""
+
+
+def pad_rows(inputs: Tensors, rows: int, sizes: list[int]) -> Tensors:
+    """`inputs` padded with copies of the last row up to the smallest of `sizes` >= rows (as is if none)."""
+    target = next((size for size in sizes if size >= rows), rows)
+    if target == rows:
+        return inputs
+    return {k: np.concatenate([v, np.repeat(v[-1:], target - rows, axis=0)]) for k, v in inputs.items()}
 
 
 def group_by_length(lengths: list[tuple[int, int]], overhead: int) -> list[list[int]]:
@@ -157,6 +171,8 @@ class DynamicBatcher:
         self._infer = infer
         self._lengths_of = lengths_of
         self.group_overhead = group_overhead
+        self.pad_sizes: list[int] = []
+        """Allowed batch sizes to pad each runtime call up to (ascending); empty: no padding."""
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -174,6 +190,7 @@ class DynamicBatcher:
         self._m_queue_wait = metrics.QUEUE_WAIT.labels(**self._labels)
         self._m_batch_size = metrics.BATCH_SIZE.labels(**self._labels)
         self._m_inference = metrics.INFERENCE_TIME.labels(**self._labels)
+        self._m_padding = metrics.PADDING_ROWS.labels(**self._labels)
         self._m_positions = {kind: metrics.BATCH_POSITIONS.labels(**self._labels, kind=kind)
                              for kind in ("real", "padded", "unsplit")}
         self._keep = keep_batch_sizes
@@ -363,10 +380,17 @@ class DynamicBatcher:
                 req.future.set_result(BatchResult(outputs, timing))
 
     def _run_checked(self, inputs: Tensors, rows: int) -> Tensors:
-        outputs = dict(self._infer(inputs))
+        padded = pad_rows(inputs, rows, self.pad_sizes) if self.pad_sizes else inputs
+        run_rows = next(iter(padded.values())).shape[0]
+        if run_rows > rows:
+            self.stats.padding_rows += run_rows - rows
+            self._m_padding.inc(run_rows - rows)
+        outputs = dict(self._infer(padded))
         for name, value in outputs.items():
-            if value.shape[:1] != (rows,):
-                raise InferenceError(f"runtime returned output {name!r} with shape {value.shape} for {rows} rows")
+            if value.shape[:1] != (run_rows,):
+                raise InferenceError(f"runtime returned output {name!r} with shape {value.shape} for {run_rows} rows")
+        if run_rows > rows:
+            outputs = {name: value[:rows] for name, value in outputs.items()}
         return outputs
 
 

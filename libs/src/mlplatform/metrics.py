@@ -59,6 +59,11 @@ BATCH_POSITIONS = Counter(
     "(what one FIFO batch padded to its longest member would have computed)",
     ["model", "version", "kind"],
 )
+PADDING_ROWS = Counter(
+    "inference_batch_padding_rows_total",
+    "Rows added to batches to pad them up to a preferred batch size (batching.pad_to_preferred)",
+    ["model", "version"],
+)
 GPU_MEMORY = Gauge("inference_gpu_memory_used_bytes", "GPU memory in use", ["gpu"])
 
 BREAKER_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}

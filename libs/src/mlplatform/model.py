@@ -60,6 +60,13 @@ class Model(ABC):
         """Runtime providers in use (e.g. ONNX Runtime execution providers); empty when not applicable."""
         return []
 
+    def batch_pad_sizes(self) -> list[int]:
+        """Batch sizes to pad runtime calls to on this model's device (`batching.pad_to_preferred`); [] for none."""
+        mode = self.config.batching.pad_to_preferred
+        if mode == "always" or (mode == "gpu" and self.device == "gpu"):
+            return self.config.batching.padded_sizes()
+        return []
+
     @abstractmethod
     def _load(self) -> None:
         """Load the artifact (blocking)."""
@@ -100,17 +107,18 @@ class Model(ABC):
                  self.device, self.providers)
 
     async def warmup(self, iterations: int | None = None) -> None:
-        """Run warm-up batches of each configured size; the model is ready only when they succeed."""
+        """Run warm-up batches of each configured size (with batch padding: each padded size, the only shapes
+        the runtime will see); the model is ready only when they succeed."""
         n = iterations or self.config.warmup.iterations
-        for batch_size in self.config.warmup.batch_sizes:
+        sizes = self.batch_pad_sizes() or self.config.warmup.batch_sizes
+        for batch_size in sizes:
             inputs = self.warmup_inputs(batch_size)
             for _ in range(n):
                 outputs = await asyncio.to_thread(self.infer, inputs)
                 self.check_outputs(outputs, batch_size)
         self.ready = True
         metrics.MODEL_READY.labels(model=self.name, version=self.version).set(1)
-        log.info("warmed up %s v%s: batch sizes %s x %d", self.name, self.version,
-                 self.config.warmup.batch_sizes, n)
+        log.info("warmed up %s v%s: batch sizes %s x %d", self.name, self.version, sizes, n)
 
     async def unload(self) -> None:
         """Release the runtime."""

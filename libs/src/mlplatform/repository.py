@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -38,6 +38,15 @@ class BatchingConfig(BaseModel):
     length_group_overhead: int = Field(256, ge=0)
     """Variable-length models: padded positions one more runtime call is worth; a closed batch is
     cut into length groups where that saves more padding (0: always one group per length)."""
+    pad_to_preferred: Literal["never", "gpu", "always"] = "never"
+    """Pad each batch with copies of its last row up to the smallest of `preferred_batch_sizes` (and
+    `max_batch_size`) that holds it, like TF Serving's `allowed_batch_sizes`, so the runtime only ever
+    sees those shapes, all warmed up. `gpu`: only when the model runs on a GPU, where CUDA/cuDNN set
+    up each new shape on its first call (tens of ms) and extra rows cost almost nothing."""
+
+    def padded_sizes(self) -> list[int]:
+        """The batch sizes batches are padded to (ascending), ending with max_batch_size."""
+        return sorted({*self.preferred_batch_sizes, self.max_batch_size})
 
 
 class RuntimeConfig(BaseModel):

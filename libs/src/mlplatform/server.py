@@ -143,6 +143,10 @@ class ModelServer:
         log.info("%s: gRPC listening on %s:%d (NOT_SERVING until warm-up), cache=%s", self.spec.name, s.host,
                  self.port, self.cache.backend if self.cache is not None else "off")
         await self.model.load()
+        self.batcher.pad_sizes = self.model.batch_pad_sizes()
+        if self.batcher.pad_sizes:
+            log.info("%s: batches padded up to sizes %s on %s", self.spec.name, self.batcher.pad_sizes,
+                     self.model.device)
         await self.model.warmup(s.warmup_iterations)
         await self.batcher.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
