@@ -231,14 +231,15 @@ class OipSender(GrpcSender):
 
 
 class RestSender(Sender):
-    """`POST /api/v1/<model>` with JSON, one aiohttp session (keep-alive connection pool) per worker."""
+    """`POST /api/v1/<model>` with JSON, one aiohttp session per worker: keep-alive pool of at most 256
+    connections (a request waiting for a free connection still counts its wait in its latency)."""
 
     async def open(self) -> None:
         import aiohttp
 
         self.aiohttp = aiohttp
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            connector=aiohttp.TCPConnector(limit=256),
             timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self.url = f"http://{self.target.address}/api/v1/{self.target.model}"
 
@@ -416,7 +417,7 @@ class Result:
 
 
 def run(targets: list[Target], phases: list[Phase], *, processes: int = 2, timeout_s: float = 5.0,
-        max_in_flight: int = 2000, seed: int = 0) -> Result:
+        max_in_flight: int = 10_000, seed: int = 0) -> Result:
     """Offer the `phases` schedule across `targets` (by weight) from `processes` worker processes.
 
     Blocks for the schedule's length plus the last answers (at most `timeout_s`)."""

@@ -124,7 +124,13 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def assemble(out: Path, commands: list[str], extra: dict[str, Any] | None = None) -> Path:
-    """report.md (header + every section present, in SECTIONS order) and report.json (all figures)."""
+    """report.md (header + every section present, in SECTIONS order) and report.json (all figures).
+
+    Re-assembling a directory keeps the commands recorded by earlier runs into it."""
+    previous = _load(out / "report.json") or {}
+    commands = [c for c in previous.get("commands", []) if c not in commands] + commands
+    if (out / "peer.json").exists() and not any("peer_mlserver" in c for c in commands):
+        commands.insert(len(commands) - 1, f"python bench/peer_mlserver.py --out {out}")
     header = [f"# Benchmark report {out.name}", "",
               f"**Machine:** {machine()['cpus']} CPUs, {machine()['cpu_model']}, Python {machine()['python']}; "
               f"load generator, gateway and services share them, on loopback.",

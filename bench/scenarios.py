@@ -369,7 +369,7 @@ def spike(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
                   f"{fmt(p['p50_ms'])} | {fmt(p['p95_ms'])} | {fmt(p['p99_ms'])} | {p['error_count']} | "
                   f"{fmt(p['send_lag_p99_ms'])} |")
     tl = data["timeline"]
-    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    fig, (a1, a2, a3, a4) = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
     t = [r["t"] for r in tl]
     a1.plot(t, [r["offered_rps"] for r in tl], label="offered req/s")
     a1.plot(t, [r["achieved_rps"] for r in tl], label="ok req/s")
@@ -383,8 +383,12 @@ def spike(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
     ts = [s["t"] for s in samples]
     for m in MIX:
         a3.plot(ts, [s["queue_depth"].get(m, 0) for s in samples], label=f"{m} queue depth")
-    a3.set(ylabel="requests queued", xlabel="seconds")
+    a3.set(ylabel="requests queued")
     a3.legend(fontsize=8)
+    for role in (samples[0]["cpu"] if samples else {}):
+        a4.plot(ts, [s["cpu"].get(role, 0) for s in samples], label=role)
+    a4.set(ylabel="CPU % of one core", xlabel="seconds from the start of the schedule")
+    a4.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(out / "spike.png", dpi=110)
     plt.close(fig)
