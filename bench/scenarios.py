@@ -174,6 +174,13 @@ def _broken(s: dict[str, Any], slo: float) -> str | None:
     return None
 
 
+def _generator_note(s: dict[str, Any], slo: float) -> str:
+    """' (generator behind schedule)' when the load generator's own send lag is a fifth of the SLO or more:
+    the latencies are still honest (measured from the intended time) but the client shares the CPU."""
+    lag = s.get("send_lag_p99_ms")
+    return f"; generator behind schedule (send lag p99 {lag:.0f} ms)" if lag is not None and lag >= slo / 5 else ""
+
+
 def curve(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
     """Rising constant rates per model and path until p99 breaks the SLO (that step is kept, then stop)."""
     ports = stack.metrics_ports()
@@ -195,6 +202,8 @@ def curve(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
                                                      res.start_wall - sampler.t0 + cfg.curve_step_s)
                     s["generator_errors"] = res.errors
                     s["broken"] = _broken(s, SLO_P99_MS[model])
+                    if s["broken"]:
+                        s["broken"] += _generator_note(s, SLO_P99_MS[model])
                     steps.append(s)
                     log(f"curve {model}/{path} {rate:g} req/s: achieved {s['achieved_rps']:.0f}, "
                         f"p50 {fmt(s['p50_ms'])} p99 {fmt(s['p99_ms'])} ms, errors {s['error_count']}, "
