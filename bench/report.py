@@ -62,9 +62,10 @@ def cost(out: Path, cpu_core_hour_usd: float, gpu_hour_usd: float) -> dict[str, 
         r: dict[str, Any] = {}
         rm = raw.get("models", {}).get(model)
         if rm:
-            best_b, best = max(rm["batches"].items(), key=lambda kv: kv[1]["rows_per_s"])
-            per_core = best["rows_per_s"] / max(1, rm["threads"])
-            r["raw_cpu"] = {"batch": int(best_b), "rows_per_core_s": per_core,
+            best_b, best = max(rm["batches"].items(), key=lambda kv: kv[1]["rows_per_core_s"] or 0)
+            per_core = best["rows_per_core_s"]
+            b1 = rm["batches"]["1"]["rows_per_core_s"]
+            r["raw_cpu"] = {"batch": int(best_b), "rows_per_core_s": per_core, "batch1_rows_per_core_s": b1,
                             "usd_per_1000": usd_per_1000(1 / per_core, cpu_core_hour_usd)}
         cm = curve.get("models", {}).get(model)
         for path, roles in (("grpc", (model,)), ("rest", (model, "envoy"))):
@@ -95,7 +96,8 @@ def cost(out: Path, cpu_core_hour_usd: float, gpu_hour_usd: float) -> dict[str, 
           "curve whose p99 met the SLO. **server CPU**: the CPU the service (and Envoy, for REST) measurably used per "
           "prediction at that step, billed per core-hour — the marginal cost with cores to spare; **whole machine**: "
           f"all {cpus} cores of this box (load generator included) divided by that rate — the cost of this box as "
-          "measured. **raw**: the runtime alone at its best batch, per runtime thread — the floor. **GPU** figures "
+          "measured. **raw**: the runtime alone at its best batch, per core-second of CPU it used — the floor. "
+          "**GPU** figures "
           "are *estimates*: runtime-only throughput measured in-process on an H100 (no gRPC, batcher or "
           "pre-processing), not a served GPU measurement.", "",
           "| model | raw CPU (batch) | served gRPC, server CPU | served gRPC, whole machine | "
@@ -111,9 +113,29 @@ def cost(out: Path, cpu_core_hour_usd: float, gpu_hour_usd: float) -> dict[str, 
                   f"{usd(g.get('usd_per_1000_server_cpu'))} | {usd(g.get('usd_per_1000_whole_machine'))} | "
                   f"{usd(s.get('usd_per_1000_server_cpu'))} | {usd(s.get('usd_per_1000_whole_machine'))} | "
                   f"{usd(gpu and gpu['usd_per_1000'])}{' (estimate)' if gpu else ' (not measured)'} |")
-    md += ["", "Served throughput per server core at SLO: " + "; ".join(
-        f"{m} gRPC {r['served_grpc']['rps_per_server_core']:.0f} req/s/core"
-        for m, r in rows.items() if r.get("served_grpc", {}).get("rps_per_server_core")) + ".", ""]
+    md += ["", "**Served vs raw efficiency** (served predictions per second per core of the server processes at "
+           "the SLO, against the runtime alone per core-second of CPU; the gap is gRPC/HTTP, Python, the batcher, "
+           "Envoy):", "",
+           "| model | raw rows/s/core, batch 1 | raw rows/s/core, best batch | served gRPC req/s/core | "
+           "efficiency vs b1 | vs best | served REST req/s/core (service+Envoy) | efficiency vs best |",
+           "|---|---|---|---|---|---|---|---|"]
+    for model, r in rows.items():
+        raw_c, g, s = r.get("raw_cpu"), r.get("served_grpc", {}), r.get("served_rest", {})
+        if not raw_c:
+            continue
+        gr, sr = g.get("rps_per_server_core"), s.get("rps_per_server_core")
+        r["efficiency"] = {"grpc_vs_batch1": gr / raw_c["batch1_rows_per_core_s"] if gr else None,
+                           "grpc_vs_best": gr / raw_c["rows_per_core_s"] if gr else None,
+                           "rest_vs_best": sr / raw_c["rows_per_core_s"] if sr else None}
+        e = r["efficiency"]
+
+        def pct(v: float | None) -> str:
+            return "—" if v is None else f"{100 * v:.1f} %"
+
+        md.append(f"| {model} | {raw_c['batch1_rows_per_core_s']:,.0f} | {raw_c['rows_per_core_s']:,.0f} | "
+                  f"{'—' if gr is None else f'{gr:,.0f}'} | {pct(e['grpc_vs_batch1'])} | {pct(e['grpc_vs_best'])} | "
+                  f"{'—' if sr is None else f'{sr:,.0f}'} | {pct(e['rest_vs_best'])} |")
+    md.append("")
     (out / "cost.json").write_text(json.dumps(data, indent=2) + "\n")
     (out / "cost.md").write_text("\n".join(md) + "\n")
     return data

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if stack_names:
         with Stack(repo) as stack:
             for name in stack_names:
-                log(f"scenario {name}")
+                waited = stack.wait_idle()
+                log(f"scenario {name}" + (f" (waited {waited:.0f} s for the queues to drain)" if waited >= 1 else ""))
                 getattr(scenarios, name)(out, stack, cfg)
     if "cache" in names:
         log("scenario cache")

@@ -100,6 +100,16 @@ class Stack:
     def metrics_ports(self) -> dict[str, int]:
         return {m: s.metrics_port for m, s in self.services.items()}
 
+    def wait_idle(self, timeout_s: float = 30.0) -> float:
+        """Wait until every service's batcher queue is empty (after an overload); returns the seconds waited."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            depth = sum(total(scrape(p), "inference_queue_depth") for p in self.metrics_ports().values())
+            if depth == 0:
+                break
+            time.sleep(0.5)
+        return time.monotonic() - t0
+
 
 def tokens(n: int, prefix: str, tier: str | None = None) -> tuple[str, ...]:
     """`n` gateway tokens for distinct API keys (`sub` = prefix-i), signed with the dev key."""
