@@ -199,6 +199,7 @@ def curve(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
     with Sampler(ports, stack.processes()) as sampler:
         for model in MODELS:
             for path in ("grpc", "rest"):
+                stack.wait_idle()  # the previous ramp's overload must not leak into this one
                 steps = []
                 for rate in cfg.curve_rates[model]:
                     target = _targets_for(stack, model, path, rate, cfg.curve_step_s, f"curve{int(rate)}")
