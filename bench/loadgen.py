@@ -308,7 +308,10 @@ async def _work(job: WorkerJob, conn: Any) -> tuple[np.ndarray, list[str]]:
     async def one(i: int, k: int) -> None:
         nonlocal in_flight
         rec[i, 1] = time.monotonic() - mono0
-        status = await senders[k].send()
+        try:
+            status = await senders[k].send()
+        except Exception as e:  # an unexpected client failure is an outcome too, never a lost record
+            status = f"client_{type(e).__name__}"
         rec[i, 2] = time.monotonic() - mono0
         if status not in statuses:
             statuses.append(status)
