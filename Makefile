@@ -108,7 +108,8 @@ test: setup tools system-deps models
 lint: setup
 	$(BIN)/ruff check $(PY_SOURCES)
 
-# `make bench`: scenarios 1-5 (bench/run.py) and the MLServer peer (bench/peer_mlserver.py) into one
+# `make bench`: scenarios 1-5 (bench/run.py) and the MLServer peer (`make bench-peer`, when
+# bench/peer_mlserver.py exists) into one
 # bench/results/<timestamp>/ (or BENCH_OUT=dir), then report.md + report.json + PNGs there. ~20 min on 2 cores.
 # Each scenario alone: make bench-raw | bench-curve | bench-mix | bench-spike | bench-cache | bench-peer.
 # The older per-model scripts (closed loop, per model): make bench-models.
@@ -119,7 +120,8 @@ BENCH_ARGS ?=
 bench: setup models system-deps
 	$(BIN)/python -m bench all --out $(BENCH_OUT) $(BENCH_ARGS)
 	@if [ -f bench/peer_mlserver.py ]; then \
-	  $(BIN)/python bench/peer_mlserver.py --out $(BENCH_OUT) $(filter --quick,$(BENCH_ARGS)) || echo "bench: the peer scenario failed (see above)"; \
+	  $(MAKE) --no-print-directory bench-peer BENCH_OUT=$(BENCH_OUT) $(if $(filter --quick,$(BENCH_ARGS)),QUICK=1) \
+	    || echo "bench: the peer scenario failed (see above)"; \
 	  $(BIN)/python -m bench report --out $(BENCH_OUT) $(BENCH_ARGS); fi
 	@echo "report: $(BENCH_OUT)/report.md"
 
