@@ -237,7 +237,7 @@ def curve(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
           "send time. Cache off. Batches from the service's `inference_batch_size` histogram; CPU = mean % of one "
           "core per process during the step.", "",
           "| model | path | offered/s | achieved/s | p50 ms | p95 ms | p99 ms | errors | mean batch | "
-          "gen. lag p99 ms | CPU service / envoy / loadgen % | verdict |",
+          "gen. lag p99 ms | CPU service / envoy / loadgen / machine % | verdict |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, paths in results.items():
         for path, r in paths.items():
@@ -247,7 +247,8 @@ def curve(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
                           f"{fmt(s['p50_ms'])} | "
                           f"{fmt(s['p95_ms'])} | {fmt(s['p99_ms'])} | {s['error_count']} | "
                           f"{s['service']['mean_batch']:.1f} | {fmt(s['send_lag_p99_ms'])} | "
-                          f"{cpu.get(model, 0):.0f} / {cpu.get('envoy', 0):.0f} / {cpu.get('loadgen', 0):.0f} | "
+                          f"{cpu.get(model, 0):.0f} / {cpu.get('envoy', 0):.0f} / {cpu.get('loadgen', 0):.0f} / "
+                          f"{cpu.get('machine', 0):.0f} | "
                           f"{s['broken'] or 'within SLO'} |")
     md += ["", "Highest achieved rate within the p99 SLO:", "",
            "| model | SLO p99 ms | grpc req/s | rest req/s |", "|---|---|---|---|"]
@@ -282,11 +283,14 @@ def _mix_targets(stack: Stack, rate: float, duration_s: float, tag: str) -> tupl
 
 def _limiting(cpu: dict[str, float]) -> str:
     """The busiest process by mean CPU (% of one core) and the machine total."""
-    if not cpu:
+    procs = {k: v for k, v in cpu.items() if k != "machine"}
+    if not procs:
         return "no CPU samples"
-    top = max(cpu, key=cpu.get)
-    return (f"busiest process: {top} at {cpu[top]:.0f} % of a core; all measured processes together "
-            f"{sum(cpu.values()):.0f} % of the machine's {os_cpus()} x 100 %")
+    top = max(procs, key=procs.get)
+    ours = sum(procs.values())
+    machine = cpu.get("machine", ours)
+    return (f"busiest process: {top} at {procs[top]:.0f} % of a core; the bench's processes together {ours:.0f} %, "
+            f"the whole machine {machine:.0f} % of {os_cpus() * 100} % (other users: {max(0.0, machine - ours):.0f} %)")
 
 
 def os_cpus() -> int:
@@ -408,6 +412,7 @@ def spike(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
     a3.legend(fontsize=8)
     for role in (samples[0]["cpu"] if samples else {}):
         a4.plot(ts, [s["cpu"].get(role, 0) for s in samples], label=role)
+    a4.plot(ts, [s.get("machine_cpu", 0) for s in samples], "k--", label="machine (all users)")
     a4.set(ylabel="CPU % of one core", xlabel="seconds from the start of the schedule")
     a4.legend(fontsize=8, ncol=3)
     fig.tight_layout()

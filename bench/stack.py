@@ -207,8 +207,9 @@ def scrape_all(ports: dict[str, int]) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------- sampling over time
 
 class Sampler:
-    """Background thread: every `interval_s`, each service's queue depth and rejections, and the CPU
-    (% of one core) of every watched process and of the load generator's processes."""
+    """Background thread: every `interval_s`, each service's queue depth and rejections, the CPU
+    (% of one core) of every watched process and of the load generator's processes, and the whole
+    machine's CPU (other users' processes included; 100 % per core)."""
 
     def __init__(self, metrics_ports: dict[str, int], pids: dict[str, int], interval_s: float = 0.5) -> None:
         self.ports, self.interval_s = metrics_ports, interval_s
@@ -222,6 +223,8 @@ class Sampler:
         for p in self.procs.values():
             p.cpu_percent(None)
         me = psutil.Process()
+        me.cpu_percent(None)
+        psutil.cpu_percent(None)
         known: dict[int, psutil.Process] = {}
         while not self._stop.wait(self.interval_s):
             row: dict[str, Any] = {"t": time.time() - self.t0, "queue_depth": {}, "rejected": {}, "cpu": {}}
@@ -245,7 +248,9 @@ class Sampler:
                     continue
                 with contextlib.suppress(psutil.Error):
                     gen += known[child.pid].cpu_percent(None)
-            row["cpu"]["loadgen"] = gen
+            row["cpu"]["loadgen"] = gen + me.cpu_percent(None)  # its workers and this coordinating process
+            # Everything on the machine (other users included), in % of one core like the rest: 2 cores = 200.
+            row["machine_cpu"] = psutil.cpu_percent(None) * (psutil.cpu_count() or 1)
             self.samples.append(row)
 
     def __enter__(self) -> Sampler:
@@ -262,4 +267,6 @@ class Sampler:
         rows = [s for s in self.samples if t_from <= s["t"] < t_to] or self.samples
         if not rows:
             return {}
-        return {role: sum(r["cpu"].get(role, 0.0) for r in rows) / len(rows) for role in rows[0]["cpu"]}
+        means = {role: sum(r["cpu"].get(role, 0.0) for r in rows) / len(rows) for role in rows[0]["cpu"]}
+        means["machine"] = sum(r["machine_cpu"] for r in rows) / len(rows)
+        return means
