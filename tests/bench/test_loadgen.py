@@ -74,3 +74,16 @@ def test_observed_diffs_service_histograms() -> None:
 def test_cost_per_1000_predictions() -> None:
     # 1 ms of one core per prediction at $0.036 per core-hour: 1 core-second per 1000 = $0.00001.
     assert usd_per_1000(0.001, 0.036) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("kind", ["grpc", "oip"])
+def test_open_loop_run_against_the_fraud_service(fraud_service, kind: str) -> None:
+    """Typed gRPC and the Open Inference Protocol, from two worker processes, on schedule."""
+    from bench.loadgen import Target
+
+    r = loadgen.run([Target("fraud", kind, fraud_service.target)], [Phase(1.0, 20)], processes=2)
+    s = r.summary()
+    assert r.errors == [] and s["requests"] == 20 and s["ok"] == 20, s
+    assert np.all(r.start >= r.intended - 0.005)  # never sent early
+    assert np.all(r.latency > 0) and 0 < s["p50_ms"] <= s["max_ms"]
+    assert s["achieved_rps"] == pytest.approx(20.0)
