@@ -14,14 +14,17 @@ TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 PY_SOURCES += deploy
 
-.PHONY: help setup protos models run test lint system-deps bench constraints clean token gateway-config \
+.PHONY: help setup protos models run test lint system-deps bench bench-raw bench-curve bench-mix bench-spike \
+        bench-cache bench-models constraints clean token gateway-config \
         tools tools-constraints k8s-manifests k8s-check compose-config
 
 help:
 	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
-	@echo "make bench   - fraud Predict latency, the gateway's overhead (direct vs Envoy), cnn latency and batching -> bench/results/"
+	@echo "make bench   - load tests (raw, curve, mix, spike, cache, MLServer peer) -> bench/results/<ts>/report.md (~20 min)"
+	@echo "make bench-raw|bench-curve|bench-mix|bench-spike|bench-cache - one scenario; BENCH_ARGS=--quick for a smoke run"
+	@echo "make bench-models - the older per-model closed-loop benches (fraud, gateway, cnn, sentiment)"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make k8s-manifests - regenerate k8s/ files that follow deploy/services.yaml, the gateway template, alerts"
@@ -105,7 +108,27 @@ test: setup tools system-deps models
 lint: setup
 	$(BIN)/ruff check $(PY_SOURCES)
 
-bench: setup models
+# `make bench`: scenarios 1-5 (bench/run.py) and the MLServer peer (`make bench-peer`, when
+# bench/peer_mlserver.py exists) into one
+# bench/results/<timestamp>/ (or BENCH_OUT=dir), then report.md + report.json + PNGs there. ~20 min on 2 cores.
+# Each scenario alone: make bench-raw | bench-curve | bench-mix | bench-spike | bench-cache | bench-peer.
+# The older per-model scripts (closed loop, per model): make bench-models.
+ifndef BENCH_OUT
+BENCH_OUT := bench/results/$(shell date -u +%Y%m%dT%H%M%SZ)
+endif
+BENCH_ARGS ?=
+bench: setup models system-deps
+	$(BIN)/python -m bench all --out $(BENCH_OUT) $(BENCH_ARGS)
+	@if [ -f bench/peer_mlserver.py ]; then \
+	  $(MAKE) --no-print-directory bench-peer BENCH_OUT=$(BENCH_OUT) $(if $(filter --quick,$(BENCH_ARGS)),QUICK=1) \
+	    || echo "bench: the peer scenario failed (see above)"; \
+	  $(BIN)/python -m bench report --out $(BENCH_OUT) $(BENCH_ARGS); fi
+	@echo "report: $(BENCH_OUT)/report.md"
+
+bench-raw bench-curve bench-mix bench-spike bench-cache: bench-%: setup models system-deps
+	$(BIN)/python -m bench $* --out $(BENCH_OUT) $(BENCH_ARGS)
+
+bench-models: setup models
 	$(BIN)/python bench/fraud_latency.py --model-repository $(MODELS)
 	$(BIN)/python bench/gateway_latency.py --model-repository $(MODELS)
 	$(BIN)/python bench/cnn_latency.py --model-repository $(MODELS)

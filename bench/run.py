@@ -1,0 +1,81 @@
+"""`make bench` and its parts: `python -m bench <scenario ...> [--quick] [--out DIR]`.
+
+Scenarios: raw, curve, mix, spike, cache (this module) and peer (bench/peer_mlserver.py, run by
+`make bench` into the same directory); `all` = raw curve mix spike cache; `report` only re-assembles
+report.md / report.json (and the cost section) from the JSON already in --out. curve, mix and spike
+share one platform (Redis, the three services with their cache off, the Envoy gateway) started on
+free loopback ports; raw runs in-process; cache starts its own fraud services. Progress lines go to
+stdout. Output: --out, else $BENCH_OUT, else bench/results/<UTC timestamp>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import report, scenarios  # noqa: E402
+from bench.stack import Stack, log  # noqa: E402
+
+ORDER = ("raw", "curve", "mix", "spike", "cache")
+NEEDS_STACK = {"curve", "mix", "spike"}
+
+
+def output_dir(arg: Path | None) -> Path:
+    out = arg or (Path(os.environ["BENCH_OUT"]) if os.environ.get("BENCH_OUT") else
+                  ROOT / "bench" / "results" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenarios", nargs="+", choices=(*ORDER, "all", "report"))
+    parser.add_argument("--quick", action="store_true", help="smoke variant: a few seconds per scenario")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--cpu-core-hour-usd", type=float,
+                        default=float(os.environ.get("BENCH_CPU_CORE_HOUR_USD", "0.05")),
+                        help="price of one CPU core (vCPU) for an hour (default 0.05: on-demand general-purpose x86)")
+    parser.add_argument("--gpu-hour-usd", type=float, default=float(os.environ.get("BENCH_GPU_HOUR_USD", "4.00")),
+                        help="price of one H100 GPU for an hour (default 4.00)")
+    args = parser.parse_args(argv)
+    wanted = set(args.scenarios)
+    names = [n for n in ORDER if "all" in wanted or n in wanted]
+    out = output_dir(args.out)
+    cfg = scenarios.Config.quick() if args.quick else scenarios.Config.full()
+    repo = args.model_repository.resolve()
+    log(f"bench {' '.join(names) or 'report'}{' (quick)' if args.quick else ''} -> {out}")
+    t0 = time.monotonic()
+    if "raw" in names:
+        scenarios.raw(out, repo, cfg)
+    stack_names = [n for n in names if n in NEEDS_STACK]
+    if stack_names:
+        with Stack(repo) as stack:
+            for name in stack_names:
+                waited = stack.wait_idle()
+                log(f"scenario {name}" + (f" (waited {waited:.0f} s for the queues to drain)" if waited >= 1 else ""))
+                getattr(scenarios, name)(out, stack, cfg)
+    if "cache" in names:
+        log("scenario cache")
+        scenarios.cache(out, repo, cfg)
+    report.cost(out, args.cpu_core_hour_usd, args.gpu_hour_usd)
+    cmd = "python -m bench " + " ".join(args.scenarios) + (" --quick" if args.quick else "")
+    path = report.assemble(out, [cmd], {
+        "Prices assumed": f"CPU ${args.cpu_core_hour_usd:.3f}/core-hour, GPU ${args.gpu_hour_usd:.2f}/GPU-hour",
+        "p99 SLOs": ", ".join(f"{m} {v:.0f} ms" for m, v in scenarios.SLO_P99_MS.items())
+        + " (fraud and sentiment from the seed; cnn's is this bench's assumption)",
+        "Variant": "quick (smoke: figures are not measurements)" if args.quick else "full"})
+    log(f"report: {path} ({time.monotonic() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""The `make bench` scenarios 1-5. Each writes `<name>.json`, `<name>.md` and its PNG(s) into the run's
+directory and returns its JSON. `quick=True` is the smoke variant (a few seconds each).
+
+1 raw     each model's runtime in-process at batch 1/8/32 (and 256 for fraud): the ceiling.
+2 curve   each service via typed gRPC (direct) and REST through the gateway, rising open-loop rate
+          until p99 breaks the SLO: p50/p95/p99, achieved rate, errors, observed batch sizes, CPU.
+3 mix     1000 req/s offered across the three models through the gateway (REST, ≥ 600 distinct
+          standard keys), 60 s: achieved rate, p99 per model against the SLOs, errors, CPU.
+4 spike   10 → 1000 → 10 req/s (same mix and path): latency, queue depth, CPU and rejections over time.
+5 cache   fraud with 30 % repeated transactions: hit rate and latency with Redis, with the in-process
+          cache (no Redis) and with the cache off.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+from bench import loadgen
+from bench.loadgen import Payloads, Phase, Target
+from bench.stack import (
+    MODELS,
+    SLO_P99_MS,
+    Sampler,
+    Stack,
+    keys_for,
+    log,
+    observed,
+    scrape_all,
+    service,
+    tokens,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+MIX = {"fraud": 0.70, "sentiment": 0.20, "cnn": 0.10}
+"""Share of each model in the aggregate mix and the spike (the issue's example)."""
+
+
+@dataclass
+class Config:
+    """Sizes of every scenario: `full()` for `make bench`, `quick()` for the smoke test."""
+
+    raw_seconds: float
+    curve_rates: dict[str, list[float]]
+    curve_step_s: float
+    mix_rate: float
+    mix_s: float
+    spike: list[Phase]
+    cache_rate: float
+    cache_s: float
+    cache_modes: tuple[str, ...]
+    repeat_fraction: float = 0.30
+    drain_s: float = 1.0
+
+    @staticmethod
+    def full() -> Config:
+        return Config(
+            raw_seconds=1.5,
+            curve_rates={"fraud": [100, 200, 400, 600, 800, 1000, 1300],
+                         "cnn": [25, 50, 100, 200, 300, 450, 600],
+                         "sentiment": [5, 10, 20, 40, 60, 90, 130]},
+            curve_step_s=8.0, mix_rate=1000.0, mix_s=60.0,
+            spike=[Phase(20, 10), Phase(30, 1000), Phase(20, 10)],
+            cache_rate=200.0, cache_s=10.0, cache_modes=("redis", "memory", "off"))
+
+    @staticmethod
+    def quick() -> Config:
+        return Config(
+            raw_seconds=0.1,
+            curve_rates={"fraud": [20, 40], "cnn": [10], "sentiment": [4]},
+            curve_step_s=2.0, mix_rate=40.0, mix_s=3.0,
+            spike=[Phase(2, 5), Phase(2, 40), Phase(2, 5)],
+            cache_rate=40.0, cache_s=2.5, cache_modes=("redis", "off"), drain_s=0.2)
+
+
+def write(out: Path, name: str, data: dict[str, Any], md: list[str]) -> dict[str, Any]:
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    log(f"{name}: wrote {out / (name + '.md')}")
+    return data
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+# ---------------------------------------------------------------- 1 raw
+
+def raw(out: Path, repository: Path, cfg: Config) -> dict[str, Any]:
+    """Each model's runtime in-process (the service's model class, its config's threads), by batch size."""
+    from cnn_service.model import CnnModel
+    from fraud_service.model import FraudModel
+    from mlplatform.repository import ModelRepository
+    from sentiment_service.model import SentimentModel
+
+    repo = ModelRepository(repository)
+    heldout = np.load(repository / "cnn" / "1" / "heldout.npz")["images"].astype(np.float32)
+    texts = loadgen.load_inputs("sentiment", 512, seed=0)
+    fraud_rows = np.asarray(loadgen.load_inputs("fraud", 4096, seed=0), dtype=np.float32)
+    def window(items: Any, b: int, i: int) -> Any:  # call i's batch: rotates through the inputs
+        start = (i * b) % max(1, len(items) - b + 1)
+        return items[start:start + b]
+
+    cases = {
+        "fraud": (FraudModel, (1, 8, 32, 256), lambda b, i: {"features": window(fraud_rows, b, i)}),
+        "cnn": (CnnModel, (1, 8, 32), lambda b, i: {"image": window(heldout, b, i)[:, None]}),
+        "sentiment": (SentimentModel, (1, 8, 32),
+                      lambda b, i: {"text": np.array([t.encode() for t in window(texts, b, i)], dtype=object)}),
+    }
+    results: dict[str, Any] = {}
+    for name, (cls, batches, make) in cases.items():
+        model = cls(repo.resolve(name))
+        model._load()
+        rows = {}
+        for b in batches:
+            inputs = [make(b, i) for i in range(16)]  # built before timing; sentiment texts of varied length
+            model.infer(inputs[0])
+            times: list[float] = []
+            t_end = time.perf_counter() + cfg.raw_seconds
+            cpu0 = time.process_time()
+            while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 2000):
+                x = inputs[len(times) % len(inputs)]
+                t0 = time.perf_counter()
+                model.infer(x)
+                times.append(time.perf_counter() - t0)
+            cpu_per_call = (time.process_time() - cpu0) / len(times)
+            ms = np.asarray(times) * 1000
+            p50 = float(np.percentile(ms, 50))
+            rows[str(b)] = {"p50_ms": p50, "p99_ms": float(np.percentile(ms, 99)), "calls": len(times),
+                            "rows_per_s": b / (p50 / 1000), "cpu_ms_per_call": cpu_per_call * 1000,
+                            "rows_per_core_s": b / cpu_per_call if cpu_per_call > 0 else None}
+            log(f"raw {name} batch {b}: p50 {p50:.3f} ms, {rows[str(b)]['rows_per_s']:.0f} rows/s")
+        results[name] = {"providers": list(getattr(model, "providers", [])),
+                         "threads": model.config.runtime.intra_op_threads, "batches": rows}
+    md = ["## 1. Raw runtime baseline (in-process)", "",
+          "The service's own model class called directly (pre/post-processing included: sentiment "
+          "tokenises, cnn takes pixel tensors), its config's thread count, no gRPC, no batcher. "
+          "rows/s = batch / p50; CPU ms per call = process CPU time / calls (all runtime threads); rows per "
+          "core-second = batch / CPU per call. This is the ceiling the served numbers are compared with.", "",
+          "| model | threads | batch | p50 ms | p99 ms | rows/s | CPU ms/call | rows/core-s | calls |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for b, row in r["batches"].items():
+            md.append(f"| {name} | {r['threads']} | {b} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | "
+                      f"{row['rows_per_s']:,.0f} | {row['cpu_ms_per_call']:.3f} | {row['rows_per_core_s']:,.0f} | "
+                      f"{row['calls']} |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        bs = [int(b) for b in r["batches"]]
+        ax.plot(bs, [r["batches"][str(b)]["rows_per_s"] for b in bs], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="rows/s (p50)", title="Raw runtime throughput")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "raw.png", dpi=110)
+    plt.close(fig)
+    md += ["", "![raw](raw.png)", ""]
+    return write(out, "raw", {"models": results}, md)
+
+
+# ---------------------------------------------------------------- 2 curve
+
+def _targets_for(stack: Stack, model: str, path: str, rate: float, duration_s: float, tag: str,
+                 weight: float = 1.0, payloads: Payloads | None = None) -> Target:
+    if path == "grpc":
+        return Target(model, "grpc", stack.services[model].target, weight=weight, payloads=payloads)
+    toks = tokens(keys_for(rate, duration_s), f"{tag}-{model}")
+    return Target(model, "rest", stack.gateway.target, toks, weight=weight, payloads=payloads)
+
+
+def _broken(s: dict[str, Any], slo: float) -> str | None:
+    if s["requests"] and s["error_count"] > 0.01 * s["requests"]:
+        return f"errors {s['error_count']}/{s['requests']}"
+    if s["p99_ms"] is None or s["p99_ms"] > slo:
+        return f"p99 {fmt(s['p99_ms'])} ms > SLO {slo:.0f} ms"
+    if s["achieved_rps"] < 0.9 * s["offered_rps"]:
+        return f"achieved {s['achieved_rps']:.0f} < 90 % of offered"
+    return None
+
+
+def _generator_note(s: dict[str, Any], slo: float) -> str:
+    """' (generator behind schedule)' when the load generator's own send lag is a fifth of the SLO or more:
+    the latencies are still honest (measured from the intended time) but the client shares the CPU."""
+    lag = s.get("send_lag_p99_ms")
+    return f"; generator behind schedule (send lag p99 {lag:.0f} ms)" if lag is not None and lag >= slo / 5 else ""
+
+
+def curve(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
+    """Rising constant rates per model and path until p99 breaks the SLO (that step is kept, then stop)."""
+    ports = stack.metrics_ports()
+    results: dict[str, Any] = {}
+    with Sampler(ports, stack.processes()) as sampler:
+        for model in MODELS:
+            for path in ("grpc", "rest"):
+                stack.wait_idle()  # the previous ramp's overload must not leak into this one
+                steps = []
+                for rate in cfg.curve_rates[model]:
+                    target = _targets_for(stack, model, path, rate, cfg.curve_step_s, f"curve{int(rate)}")
+                    before = scrape_all(ports)
+                    res = loadgen.run([target], [Phase(cfg.curve_step_s, rate)],
+                                      processes=loadgen.worker_processes(rate))
+                    after = scrape_all(ports)
+                    s = res.summary()
+                    s["offered_rate"] = rate
+                    s["service"] = observed(before, after, model)
+                    s["cpu_pct"] = sampler.cpu_means(res.start_wall - sampler.t0,
+                                                     res.start_wall - sampler.t0 + cfg.curve_step_s)
+                    s["generator_errors"] = res.errors
+                    s["broken"] = _broken(s, SLO_P99_MS[model])
+                    if s["broken"]:
+                        s["broken"] += _generator_note(s, SLO_P99_MS[model])
+                    steps.append(s)
+                    log(f"curve {model}/{path} {rate:g} req/s: achieved {s['achieved_rps']:.0f}, "
+                        f"p50 {fmt(s['p50_ms'])} p99 {fmt(s['p99_ms'])} ms, errors {s['error_count']}, "
+                        f"mean batch {s['service']['mean_batch']:.1f}, send lag p99 {fmt(s['send_lag_p99_ms'])} ms"
+                        + (f" -> SLO broken ({s['broken']})" if s["broken"] else ""))
+                    time.sleep(cfg.drain_s)  # let queues drain between steps
+                    if s["broken"]:
+                        break
+                ok = [st for st in steps if not st["broken"]]
+                best = max(ok, key=lambda st: st["achieved_rps"]) if ok else None
+                results.setdefault(model, {})[path] = {"steps": steps, "slo_p99_ms": SLO_P99_MS[model],
+                                                       "max_rps_within_slo": best["achieved_rps"] if best else 0.0,
+                                                       "at_slo": best}
+    md = ["## 2. Per-model latency curve (open loop)", "",
+          f"Each service alone, constant offered rate for {cfg.curve_step_s:g} s per step, rising until p99 breaks "
+          "the SLO (or errors > 1 %, or achieved < 90 % of offered); that step is shown and the ramp stops. "
+          "**grpc** = typed `Predict` straight to the service; **rest** = `POST /api/v1/<model>` through Envoy "
+          "(JWT, per-key rate limit with enough distinct standard keys, transcoding). Latency from the intended "
+          "send time. Cache off. Batches from the service's `inference_batch_size` histogram; CPU = mean % of one "
+          "core per process during the step.", "",
+          "| model | path | offered/s | achieved/s | p50 ms | p95 ms | p99 ms | errors | mean batch | "
+          "gen. lag p99 ms | CPU service / envoy / loadgen / machine % | verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model, paths in results.items():
+        for path, r in paths.items():
+            for s in r["steps"]:
+                cpu = s["cpu_pct"]
+                md.append(f"| {model} | {path} | {s['offered_rate']:g} | {s['achieved_rps']:.0f} | "
+                          f"{fmt(s['p50_ms'])} | "
+                          f"{fmt(s['p95_ms'])} | {fmt(s['p99_ms'])} | {s['error_count']} | "
+                          f"{s['service']['mean_batch']:.1f} | {fmt(s['send_lag_p99_ms'])} | "
+                          f"{cpu.get(model, 0):.0f} / {cpu.get('envoy', 0):.0f} / {cpu.get('loadgen', 0):.0f} / "
+                          f"{cpu.get('machine', 0):.0f} | "
+                          f"{s['broken'] or 'within SLO'} |")
+    md += ["", "Highest achieved rate within the p99 SLO:", "",
+           "| model | SLO p99 ms | grpc req/s | rest req/s |", "|---|---|---|---|"]
+    for model, paths in results.items():
+        md.append(f"| {model} | {SLO_P99_MS[model]:.0f} | {paths['grpc']['max_rps_within_slo']:.0f} | "
+                  f"{paths['rest']['max_rps_within_slo']:.0f} |")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (model, paths) in zip(axes, results.items(), strict=False):
+        for path, style in (("grpc", "-"), ("rest", "--")):
+            steps = paths[path]["steps"]
+            x = [s["offered_rate"] for s in steps]
+            for q, color in (("p50_ms", "tab:green"), ("p95_ms", "tab:orange"), ("p99_ms", "tab:red")):
+                ax.plot(x, [s[q] if s[q] is not None else np.nan for s in steps], style, marker="o", color=color,
+                        label=f"{path} {q[:3]}")
+        ax.axhline(SLO_P99_MS[model], color="k", lw=0.8, ls=":", label="p99 SLO")
+        ax.set(title=model, xlabel="offered req/s", ylabel="latency ms", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=110)
+    plt.close(fig)
+    md += ["", "![curve](curve.png)", ""]
+    return write(out, "curve", {"models": results, "step_s": cfg.curve_step_s}, md)
+
+
+# ---------------------------------------------------------------- 3 mix and 4 spike
+
+def _mix_targets(stack: Stack, rate: float, duration_s: float, tag: str) -> tuple[list[Target], int]:
+    n_keys = keys_for(rate, duration_s)
+    toks = tokens(n_keys, tag)
+    return [Target(m, "rest", stack.gateway.target, toks, weight=w) for m, w in MIX.items()], n_keys
+
+
+def _limiting(cpu: dict[str, float]) -> str:
+    """The busiest process by mean CPU (% of one core) and the machine total."""
+    procs = {k: v for k, v in cpu.items() if k != "machine"}
+    if not procs:
+        return "no CPU samples"
+    top = max(procs, key=procs.get)
+    ours = sum(procs.values())
+    machine = cpu.get("machine", ours)
+    return (f"busiest process: {top} at {procs[top]:.0f} % of a core; the bench's processes together {ours:.0f} %, "
+            f"the whole machine {machine:.0f} % of {os_cpus() * 100} % (other users: {max(0.0, machine - ours):.0f} %)")
+
+
+def os_cpus() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def mix(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
+    """`cfg.mix_rate` req/s across the models (MIX) through the gateway, REST, distinct standard keys."""
+    ports = stack.metrics_ports()
+    targets, n_keys = _mix_targets(stack, cfg.mix_rate, cfg.mix_s, "mix")
+    before = scrape_all(ports)
+    with Sampler(ports, stack.processes()) as sampler:
+        res = loadgen.run(targets, [Phase(cfg.mix_s, cfg.mix_rate)], processes=loadgen.worker_processes(cfg.mix_rate))
+    after = scrape_all(ports)
+    cpu = sampler.cpu_means(res.start_wall - sampler.t0, res.start_wall - sampler.t0 + cfg.mix_s)
+    per_model = {}
+    for t in targets:
+        s = res.summary(t.name)
+        s["slo_p99_ms"] = SLO_P99_MS[t.model]
+        s["slo_met"] = bool(s["p99_ms"] is not None and s["p99_ms"] <= SLO_P99_MS[t.model] and s["error_count"] == 0)
+        s["service"] = observed(before, after, t.model)
+        per_model[t.model] = s
+    overall = res.summary()
+    met = all(s["slo_met"] for s in per_model.values()) and overall["achieved_rps"] >= 0.99 * cfg.mix_rate
+    data = {"offered_rps": cfg.mix_rate, "duration_s": cfg.mix_s, "mix": MIX, "keys": n_keys, "overall": overall,
+            "models": per_model, "cpu_pct": cpu, "met": met, "limiting": _limiting(cpu),
+            "generator_errors": res.errors}
+    log(f"mix: offered {cfg.mix_rate:g}/s, achieved {overall['achieved_rps']:.0f}/s, errors {overall['error_count']}, "
+        f"met={met}; {data['limiting']}")
+    md = ["## 3. Aggregate mix through the gateway", "",
+          f"{cfg.mix_rate:g} req/s offered for {cfg.mix_s:g} s, open loop, REST through Envoy; mix "
+          + ", ".join(f"{m} {w:.0%}" for m, w in MIX.items())
+          + f" (each arrival's model drawn at random with these weights); {n_keys} distinct standard-tier API keys "
+          "rotated round-robin (100 req/min per key). Cache off.", "",
+          f"**Overall:** achieved {overall['achieved_rps']:.0f} req/s of {overall['offered_rps']:.0f} offered; "
+          f"errors {overall['error_count']} {overall['errors'] or ''}; generator send lag p99 "
+          f"{fmt(overall['send_lag_p99_ms'])} ms. **{cfg.mix_rate:g} req/s with every p99 SLO "
+          f"met and no errors: {'yes' if met else 'no'}.**", "",
+          "| model | offered/s | achieved/s | p50 ms | p95 ms | p99 ms | SLO p99 ms | met | errors | mean batch | "
+          "mean queue wait ms | queue-full rejections |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, s in per_model.items():
+        md.append(f"| {m} | {s['offered_rps']:.0f} | {s['achieved_rps']:.0f} | {fmt(s['p50_ms'])} | "
+                  f"{fmt(s['p95_ms'])} | "
+                  f"{fmt(s['p99_ms'])} | {s['slo_p99_ms']:.0f} | {'yes' if s['slo_met'] else 'no'} | "
+                  f"{s['error_count']} {s['errors'] or ''} | {s['service']['mean_batch']:.1f} | "
+                  f"{fmt(s['service']['mean_queue_wait_ms'])} | {s['service']['rejected']:.0f} |")
+    md += ["", "Mean CPU during the run (% of one core): "
+           + ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])) + ".",
+           f"Limiting resource: {data['limiting']}.", ""]
+    return write(out, "mix", data, md)
+
+
+def spike(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
+    """Low → high → low offered rate (same mix and path as `mix`): per-second latency, queue depth, CPU."""
+    ports = stack.metrics_ports()
+    peak = max(p.rate for p in cfg.spike)
+    duration = sum(p.duration_s for p in cfg.spike)
+    targets, n_keys = _mix_targets(stack, peak, duration, "spike")
+    before = scrape_all(ports)
+    with Sampler(ports, stack.processes(), interval_s=0.25) as sampler:
+        res = loadgen.run(targets, cfg.spike, processes=loadgen.worker_processes(peak))
+        time.sleep(0.5)
+    after = scrape_all(ports)
+    offset = res.start_wall - sampler.t0
+    samples = [{**s, "t": s["t"] - offset} for s in sampler.samples]
+    phases, t0 = [], 0.0
+    for p in cfg.spike:
+        s = res.summary(window=(t0, t0 + p.duration_s))
+        s.update(rate=p.rate, t_from=t0, t_to=t0 + p.duration_s)
+        phases.append(s)
+        t0 += p.duration_s
+    total_req = len(res.intended)
+    answered = int(np.isfinite(res.end).sum())
+    dropped = int((res.status == loadgen.DROPPED).sum())
+    rejected = {m: observed(before, after, m)["rejected"] for m in MIX}
+    overall = res.summary()
+    data = {"phases": [{"duration_s": p.duration_s, "rate": p.rate} for p in cfg.spike], "keys": n_keys,
+            "mix": MIX, "overall": overall, "by_phase": phases, "timeline": res.timeline(1.0),
+            "per_model": {t.model: res.summary(t.name) for t in targets},
+            "samples": samples, "requests": total_req, "answered": answered, "not_sent": dropped,
+            "lost": total_req - answered - dropped, "queue_full_rejections": rejected,
+            "max_queue_depth": {m: max((s["queue_depth"].get(m, 0) for s in samples), default=0) for m in MIX},
+            "generator_errors": res.errors}
+    log(f"spike: {total_req} requests, {answered} answered, errors {overall['errors']}, "
+        f"queue-full rejections {rejected}, max queue depth {data['max_queue_depth']}")
+    md = ["## 4. Spike", "",
+          "Offered " + " → ".join(f"{p.rate:g} req/s for {p.duration_s:g} s" for p in cfg.spike)
+          + f", same mix and path as the aggregate run (REST through Envoy, {n_keys} keys). Every request has an "
+          "outcome: an answer (ok or an error status) or, if the generator had too many outstanding, `dropped` "
+          "(counted, never hidden).", "",
+          f"Requests {total_req}; answered {answered} (ok {overall['ok']}); errors {overall['errors'] or 'none'}; "
+          f"not sent by the generator {dropped}; **lost (no outcome) {data['lost']}**. Queue-full rejections counted "
+          f"by the services (`inference_rejected_total`): {rejected}. Max queue depth sampled every 0.25 s: "
+          f"{data['max_queue_depth']}.", "",
+          "| phase | offered/s | achieved/s | p50 ms | p95 ms | p99 ms | errors | gen. lag p99 ms |",
+          "|---|---|---|---|---|---|---|---|"]
+    for p in phases:
+        md.append(f"| {p['t_from']:g}-{p['t_to']:g} s | {p['offered_rps']:.0f} | {p['achieved_rps']:.0f} | "
+                  f"{fmt(p['p50_ms'])} | {fmt(p['p95_ms'])} | {fmt(p['p99_ms'])} | {p['error_count']} | "
+                  f"{fmt(p['send_lag_p99_ms'])} |")
+    tl = data["timeline"]
+    fig, (a1, a2, a3, a4) = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    t = [r["t"] for r in tl]
+    a1.plot(t, [r["offered_rps"] for r in tl], label="offered req/s")
+    a1.plot(t, [r["achieved_rps"] for r in tl], label="ok req/s")
+    a1.plot(t, [r["errors"] for r in tl], label="errors/s")
+    a1.set(ylabel="req/s")
+    a1.legend(fontsize=8)
+    a2.plot(t, [r["p50_ms"] if r["p50_ms"] is not None else np.nan for r in tl], label="p50")
+    a2.plot(t, [r["p99_ms"] if r["p99_ms"] is not None else np.nan for r in tl], label="p99")
+    a2.set(ylabel="latency ms (by intended send second)", yscale="log")
+    a2.legend(fontsize=8)
+    ts = [s["t"] for s in samples]
+    for m in MIX:
+        a3.plot(ts, [s["queue_depth"].get(m, 0) for s in samples], label=f"{m} queue depth")
+    a3.set(ylabel="requests queued")
+    a3.legend(fontsize=8)
+    for role in (samples[0]["cpu"] if samples else {}):
+        a4.plot(ts, [s["cpu"].get(role, 0) for s in samples], label=role)
+    a4.plot(ts, [s.get("machine_cpu", 0) for s in samples], "k--", label="machine (all users)")
+    a4.set(ylabel="CPU % of one core", xlabel="seconds from the start of the schedule")
+    a4.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "spike.png", dpi=110)
+    plt.close(fig)
+    md += ["", "![spike](spike.png)", ""]
+    return write(out, "spike", data, md)
+
+
+# ---------------------------------------------------------------- 5 cache
+
+def cache(out: Path, repository: Path, cfg: Config) -> dict[str, Any]:
+    """Fraud alone, gRPC direct, `repeat_fraction` of transactions repeated: Redis vs in-process vs no cache."""
+    from tests.support.procs import RedisServer
+
+    results = {}
+    for mode in cfg.cache_modes:
+        redis = RedisServer().start() if mode == "redis" else None
+        svc = service("fraud", repository, redis_url=redis.url if redis else None, cache=mode != "off")
+        try:
+            payloads = Payloads("fraud", repeat_fraction=cfg.repeat_fraction, seed=7)
+            target = Target("fraud", "grpc", svc.target, payloads=payloads)
+            ports = {"fraud": svc.metrics_port}
+            before = scrape_all(ports)
+            res = loadgen.run([target], [Phase(cfg.cache_s, cfg.cache_rate)],
+                              processes=loadgen.worker_processes(cfg.cache_rate))
+            after = scrape_all(ports)
+        finally:
+            svc.stop()
+            if redis:
+                redis.stop()
+        s = res.summary()
+        s["service"] = observed(before, after, "fraud")
+        results[mode] = s
+        log(f"cache {mode}: hit rate {fmt(s['service']['cache_hit_rate'], 3)}, p50 {fmt(s['p50_ms'], 2)} "
+            f"p99 {fmt(s['p99_ms'], 2)} ms, errors {s['error_count']}")
+    md = ["## 5. Prediction cache", "",
+          f"Fraud alone, typed gRPC straight to the service, {cfg.cache_rate:g} req/s open loop for {cfg.cache_s:g} s; "
+          f"each request repeats an earlier transaction with probability {cfg.repeat_fraction:.0%} (a returning "
+          "user), otherwise sends a new one. **redis**: the shared Redis cache (`REDIS_URL`); **memory**: no Redis, "
+          "the in-process LRU; **off**: `FRAUD_CACHE_ENABLED=false`. Hit rate from `inference_cache_total`.", "",
+          "| cache | hit rate | p50 ms | p95 ms | p99 ms | achieved/s | errors | rows the model ran |",
+          "|---|---|---|---|---|---|---|---|"]
+    for mode, s in results.items():
+        md.append(f"| {mode} | {fmt(s['service']['cache_hit_rate'], 3)} | {fmt(s['p50_ms'], 2)} | "
+                  f"{fmt(s['p95_ms'], 2)} | {fmt(s['p99_ms'], 2)} | {s['achieved_rps']:.0f} | {s['error_count']} | "
+                  f"{s['service']['rows']:.0f} |")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    modes = list(results)
+    xs = np.arange(len(modes))
+    for i, q in enumerate(("p50_ms", "p95_ms", "p99_ms")):
+        ax.bar(xs + (i - 1) * 0.25, [results[m][q] or 0 for m in modes], width=0.25, label=q[:3])
+    ax.set_xticks(xs, modes)
+    ax.set(ylabel="latency ms", title=f"fraud, {cfg.repeat_fraction:.0%} repeats")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "cache.png", dpi=110)
+    plt.close(fig)
+    md += ["", "![cache](cache.png)", ""]
+    return write(out, "cache", {"repeat_fraction": cfg.repeat_fraction, "rate": cfg.cache_rate,
+                                "duration_s": cfg.cache_s, "modes": results}, md)
