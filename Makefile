@@ -13,9 +13,14 @@ PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench
 TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 PY_SOURCES += deploy
+# The MLServer peer benchmark's own virtualenvs (never the platform's): MLServer + its XGBoost runtime,
+# and Triton's perf_analyzer (C++, shipped in the tritonclient[all] 2.51 wheel).
+MLSERVER_VENV := .venv-mlserver
+PERF_VENV := .venv-perf
+BENCH_CONSTRAINTS := bench/mlserver-constraints.txt
 
 .PHONY: help setup protos models run test lint system-deps bench bench-raw bench-curve bench-mix bench-spike \
-        bench-cache bench-models constraints clean token gateway-config \
+        bench-cache bench-models bench-deps bench-peer constraints clean token gateway-config \
         tools tools-constraints k8s-manifests k8s-check compose-config
 
 help:
@@ -25,6 +30,7 @@ help:
 	@echo "make bench   - load tests (raw, curve, mix, spike, cache, MLServer peer) -> bench/results/<ts>/report.md (~20 min)"
 	@echo "make bench-raw|bench-curve|bench-mix|bench-spike|bench-cache - one scenario; BENCH_ARGS=--quick for a smoke run"
 	@echo "make bench-models - the older per-model closed-loop benches (fraud, gateway, cnn, sentiment)"
+	@echo "make bench-peer - MLServer vs our fraud service under perf_analyzer (make bench-deps: its own venvs)"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make k8s-manifests - regenerate k8s/ files that follow deploy/services.yaml, the gateway template, alerts"
@@ -134,8 +140,28 @@ bench-models: setup models
 	$(BIN)/python bench/cnn_latency.py --model-repository $(MODELS)
 	$(BIN)/python bench/sentiment_latency.py --model-repository $(MODELS)
 
+# perf_analyzer links libb64 (Debian libb64-0d) and libcudart (the nvidia-cuda-runtime-cu12 wheel; no GPU needed).
+$(MLSERVER_VENV)/.installed: $(BENCH_CONSTRAINTS)
+	@test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install -q -c $(BENCH_CONSTRAINTS) mlserver mlserver-xgboost uvloop xgboost
+	@touch $@
+
+$(PERF_VENV)/.installed: $(BENCH_CONSTRAINTS)
+	@test -x $(PERF_VENV)/bin/python || $(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install -q -c $(BENCH_CONSTRAINTS) 'tritonclient[all]' nvidia-cuda-runtime-cu12
+	@touch $@
+
+bench-deps: $(MLSERVER_VENV)/.installed $(PERF_VENV)/.installed
+	@/sbin/ldconfig -p | grep -q 'libb64\.so\.0d' || { \
+	  echo "installing libb64-0d (apt)"; SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends libb64-0d; }
+
+BENCH_OUT ?= bench/results/peer-$(shell date -u +%Y%m%dT%H%M%SZ)
+bench-peer: setup models bench-deps
+	$(BIN)/python bench/peer_mlserver.py --out $(BENCH_OUT) $(if $(QUICK),--quick) $(if $(TUNE),--tune)
+
 constraints: setup
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) protos/gen .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) $(MLSERVER_VENV) $(PERF_VENV) protos/gen .pytest_cache .ruff_cache

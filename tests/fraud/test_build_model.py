@@ -44,8 +44,9 @@ def test_build_is_deterministic_and_idempotent(tmp_path: Path, capsys: pytest.Ca
 
     a = build(tmp_path / "a", version=1, seed=3, rows=40_000)
     b = build(tmp_path / "b", version=1, seed=3, rows=40_000)
-    digest = [hashlib.sha256((d / "model.onnx").read_bytes()).hexdigest() for d in (a, b)]
-    assert digest[0] == digest[1]
+    for artifact in ("model.onnx", "model.ubj"):
+        digest = [hashlib.sha256((d / artifact).read_bytes()).hexdigest() for d in (a, b)]
+        assert digest[0] == digest[1], artifact
     ma, mb = (json.loads((d / "config.json").read_text())["parameters"]["metrics"] for d in (a, b))
     assert ma == mb
     capsys.readouterr()
@@ -53,3 +54,25 @@ def test_build_is_deterministic_and_idempotent(tmp_path: Path, capsys: pytest.Ca
     build(tmp_path / "a", version=1, seed=3, rows=40_000)  # up to date: nothing rebuilt
     assert "up to date" in capsys.readouterr().out
     assert (a / "model.onnx").stat().st_mtime_ns == mtime
+
+
+def test_native_xgboost_model_matches_the_onnx_model(model_repository: Path):
+    """model.ubj (served by peers such as MLServer) holds the same trees as model.onnx."""
+    import onnxruntime as ort
+    from xgboost import XGBClassifier
+
+    version_dir = model_repository / "fraud" / "1"
+    sample = json.loads((version_dir / "sample.json").read_text())
+    rng = np.random.default_rng(0)
+    rows = np.array([r["features"] for r in sample["rows"]], dtype=np.float32)
+    rows = np.concatenate([rows, rows * rng.uniform(0.5, 1.5, size=rows.shape).astype(np.float32)])
+    native = XGBClassifier()
+    native.load_model(version_dir / "model.ubj")
+    sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_proba = sess.run(["probabilities"], {"features": rows})[0]
+    native_proba = native.predict_proba(rows)
+    assert native_proba.shape == onnx_proba.shape == (len(rows), 2)
+    np.testing.assert_allclose(native_proba, onnx_proba, atol=1e-4)
+    np.testing.assert_allclose(native_proba[: len(sample["rows"]), 1],
+                               [r["expected_probability"] for r in sample["rows"]], atol=1e-4)
+    assert native_proba[:, 1].std() > 0.01  # the rows are not all alike: the check compares real outputs

@@ -8,9 +8,12 @@ Steps: generate a seeded, imbalanced card-fraud data set (30 named numeric featu
 label drawn from a latent logistic model plus noise), split it 70/15/15 stratified, train an
 `xgboost.XGBClassifier`, evaluate it on the test split (decision threshold picked on validation for
 the best F1), export it to ONNX, check ONNX Runtime against XGBoost, and write `model.onnx`,
-`config.json` and `sample.json` into `<repository>/fraud/<version>/` atomically.
+`config.json` and `sample.json` into `<repository>/fraud/<version>/` atomically. The native XGBoost model
+(`model.ubj`, `save_model`) goes beside them, so peers that serve XGBoost themselves (MLServer in
+`bench/peer_mlserver.py`) load the very same trees; the platform serves the ONNX file.
 
-The same seed gives the same data, model, metrics and ONNX bytes; only `built_at` changes.
+The same seed gives the same data, model, metrics and ONNX bytes; only `built_at` changes. A version
+built before `model.ubj` existed is rebuilt once (same ONNX bytes).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ MODEL_NAME = "fraud"
 INPUT_NAME = "features"
 OUTPUT_NAMES = ("label", "probabilities")
 ARTIFACT = "model.onnx"
+NATIVE_ARTIFACT = "model.ubj"  # XGBoost's own format (UBJSON), for servers that run XGBoost natively
 CONFIG_FILE = "config.json"
 SAMPLE_FILE = "sample.json"
 PARITY_TOLERANCE = 1e-4
@@ -317,6 +321,16 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
+def native_bytes(model: Any) -> bytes:
+    """The booster in XGBoost's UBJSON format (what `XGBClassifier.load_model` / MLServer's runtime read)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / NATIVE_ARTIFACT
+        model.save_model(path)
+        return path.read_bytes()
+
+
 def make_config(
     version: int, threshold: float, metrics: dict[str, Any], seed: int, rows: int
 ) -> dict[str, Any]:
@@ -368,7 +382,7 @@ def build(
         raise ValueError(f"version must be >= 1, got {version}")
     reset_clock()
     target = Path(repository) / MODEL_NAME / str(version)
-    if not force and (target / ARTIFACT).is_file() and (target / CONFIG_FILE).is_file():
+    if not force and all((target / f).is_file() for f in (ARTIFACT, NATIVE_ARTIFACT, CONFIG_FILE)):
         log_step("skip", f"{target} is up to date (use --force to rebuild)")
         return target
 
@@ -402,9 +416,10 @@ def build(
 
     config = make_config(version, threshold, metrics, seed, rows)
     sample = make_sample(data.x_test, data.y_test, onnx_proba, threshold, version)
-    log_step("writing", f"{ARTIFACT}, {CONFIG_FILE}, {SAMPLE_FILE} -> {target} (atomic rename)")
+    log_step("writing", f"{ARTIFACT}, {NATIVE_ARTIFACT}, {CONFIG_FILE}, {SAMPLE_FILE} -> {target} (atomic rename)")
     target = write_version(Path(repository) / MODEL_NAME, version, {
-        ARTIFACT: onnx_bytes, CONFIG_FILE: json_bytes(config), SAMPLE_FILE: json_bytes(sample),
+        ARTIFACT: onnx_bytes, NATIVE_ARTIFACT: native_bytes(model), CONFIG_FILE: json_bytes(config),
+        SAMPLE_FILE: json_bytes(sample),
     })
     log_step("writing", f"{target}: {', '.join(sorted(p.name for p in target.iterdir()))}")
     return target
