@@ -12,6 +12,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,27 +164,30 @@ class Model(ABC):
         return rows
 
 
+def open_onnx_session(model: Model, path: Path, provider_options: Mapping[str, Mapping[str, Any]] | None,
+                      inputs: list[str], outputs: list[str], declared_by: str) -> OnnxRuntimeSession:
+    """An ONNX Runtime session with the model config's threads and providers; ValueError when the artifact's
+    inputs differ from `inputs` or it lacks one of `outputs` (`declared_by` names where those come from)."""
+    rt = model.config.runtime
+    session = OnnxRuntimeSession(path, intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads,
+                                 providers=rt.providers, provider_options=provider_options)
+    if sorted(session.input_names) != sorted(inputs):
+        raise ValueError(f"{model.name} v{model.version}: artifact inputs {session.input_names} "
+                         f"differ from {declared_by} inputs {inputs}")
+    missing = set(outputs) - set(session.output_names)
+    if missing:
+        raise ValueError(f"{model.name} v{model.version}: artifact lacks outputs {sorted(missing)}")
+    return session
+
+
 class OnnxModel(Model):
     """A model served by ONNX Runtime, configured from the version's config."""
 
     session: OnnxRuntimeSession
 
     def _load(self) -> None:
-        rt = self.config.runtime
-        self.session = OnnxRuntimeSession(
-            self.model_version.artifact_path,
-            intra_op_threads=rt.intra_op_threads,
-            inter_op_threads=rt.inter_op_threads,
-            providers=rt.providers,
-            provider_options=self.provider_options(),
-        )
-        declared_in = [s.name for s in self.inputs]
-        if sorted(self.session.input_names) != sorted(declared_in):
-            raise ValueError(f"{self.name} v{self.version}: artifact inputs {self.session.input_names} "
-                             f"differ from config inputs {declared_in}")
-        missing = {s.name for s in self.outputs} - set(self.session.output_names)
-        if missing:
-            raise ValueError(f"{self.name} v{self.version}: artifact lacks outputs {sorted(missing)}")
+        self.session = open_onnx_session(self, self.model_version.artifact_path, self.provider_options(),
+                                         [s.name for s in self.inputs], [s.name for s in self.outputs], "config")
 
     def provider_options(self) -> dict[str, dict]:
         """The config's `runtime.options.provider_options` resolved for this version (cache paths under its
@@ -271,16 +275,8 @@ class RuntimeModel(Model):
                 intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads, options=options,
             )
             return
-        self.session = OnnxRuntimeSession(
-            self.runtime_path, intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads,
-            providers=rt.providers, provider_options=options.get("provider_options"),
-        )
-        if sorted(self.session.input_names) != sorted(self.runtime_inputs):
-            raise ValueError(f"{self.name} v{self.version}: artifact inputs {self.session.input_names} "
-                             f"differ from runtime inputs {self.runtime_inputs}")
-        missing = set(self.runtime_outputs) - set(self.session.output_names)
-        if missing:
-            raise ValueError(f"{self.name} v{self.version}: artifact lacks outputs {sorted(missing)}")
+        self.session = open_onnx_session(self, self.runtime_path, options.get("provider_options"),
+                                         self.runtime_inputs, self.runtime_outputs, "runtime")
 
     @property
     def device(self) -> str:
