@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, percentiles  # noqa: E402
+from bench.stack import owned_processes  # noqa: E402
 from tests.support.procs import GatewayProcess, ServiceProcess  # noqa: E402
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -151,19 +151,17 @@ def main() -> int:
         f"batch {b} p50 {results['raw_onnx'][str(b)]['p50_ms']:.3f} ms" for b in (1, 8, 16, 32)), flush=True)
 
     keys = Path(tempfile.mkdtemp(prefix="bench-cnn-keys-"))
-    svc: ServiceProcess | None = None
-    gw: GatewayProcess | None = None
     runs: dict[str, list[dict[str, Any]]] = {}
-    try:
+    with owned_processes(keys) as procs:
         key = auth.ensure_dev_keys(keys)
         metadata = (("authorization", f"Bearer {auth.mint_token(key, 'bench', tier='internal', ttl_s=3600)}"),)
-        svc = ServiceProcess("cnn_service", "CNN_", env={
+        svc = procs["cnn service"] = ServiceProcess("cnn_service", "CNN_", env={
             "CNN_MODEL_REPOSITORY": str(args.model_repository), "CNN_LOG_LEVEL": "WARNING",
             "CNN_CACHE_ENABLED": "false"})
         svc.start()
         targets = {"grpc_direct": (svc.target, None)}
         if not args.no_gateway:
-            gw = GatewayProcess({"cnn": [svc.target]}, key.jwks_path)
+            gw = procs["gateway"] = GatewayProcess({"cnn": [svc.target]}, key.jwks_path)
             gw.start()
             targets["grpc_gateway"] = (gw.target, metadata)
         for mode in modes:  # warm connections, the loop and every batch size
@@ -181,20 +179,6 @@ def main() -> int:
                           f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, mean batch {r['mean_batch']:.2f} "
                           f"{r['batch_histogram']}, queue wait {r['mean_queue_wait_ms']:.1f} ms, "
                           f"compute {r['mean_compute_ms']:.2f} ms/batch", flush=True)
-    except Exception:
-        for name, proc in (("cnn service", svc), ("gateway", gw)):
-            if proc is not None:
-                print(f"--- {name} log (tail) ---\n{proc.logs()[-3000:]}", file=sys.stderr)
-        raise
-    finally:
-        if gw is not None:
-            gw.stop()
-            shutil.rmtree(gw.workdir, ignore_errors=True)
-        if svc is not None:
-            svc.stop()
-            if svc.log_path:
-                svc.log_path.unlink(missing_ok=True)
-        shutil.rmtree(keys, ignore_errors=True)
 
     numeric = ("rps", "p50_ms", "p90_ms", "p99_ms", "mean_batch", "mean_queue_wait_ms", "mean_compute_ms")
     median = {k: {m: float(np.median([r[m] for r in rs])) for m in numeric} for k, rs in runs.items()}

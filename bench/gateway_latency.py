@@ -25,7 +25,6 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -44,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, percentiles  # noqa: E402
+from bench.stack import owned_processes  # noqa: E402
 from tests.support.procs import GatewayProcess, ServiceProcess  # noqa: E402
 
 MODES = ("grpc_direct", "grpc_gateway", "rest_gateway")
@@ -263,17 +263,14 @@ def main() -> int:
         "runs": {},
     }
     keys = Path(tempfile.mkdtemp(prefix="bench-gateway-keys-"))
-    svc: ServiceProcess | None = None
-    gw: GatewayProcess | None = None
-    try:
+    with owned_processes(keys) as procs:
         key = auth.ensure_dev_keys(keys)
         token = auth.mint_token(key, "bench", tier="internal", ttl_s=3600)
-        # Assigned before start(), so that a start-up timeout still stops the process.
-        svc = ServiceProcess("fraud_service", "FRAUD_", env={
+        svc = procs["fraud service"] = ServiceProcess("fraud_service", "FRAUD_", env={
             "FRAUD_MODEL_REPOSITORY": str(args.model_repository), "FRAUD_LOG_LEVEL": "WARNING",
             "FRAUD_CACHE_ENABLED": "false"})
         svc.start()
-        gw = GatewayProcess({"fraud": [svc.target]}, key.jwks_path)
+        gw = procs["gateway"] = GatewayProcess({"fraud": [svc.target]}, key.jwks_path)
         gw.start()
         assert svc.proc is not None and gw.proc is not None
         pids = {"service": svc.proc.pid, "envoy": gw.proc.pid}
@@ -284,20 +281,6 @@ def main() -> int:
                 results["runs"][str(c)] = bench_concurrency(args, work, clients, pids)
             finally:
                 clients.close()
-    except Exception:
-        for name, proc in (("fraud service", svc), ("gateway", gw)):
-            if proc is not None:
-                print(f"--- {name} log (tail) ---\n{proc.logs()[-3000:]}", file=sys.stderr)
-        raise
-    finally:
-        if gw is not None:
-            gw.stop()
-            shutil.rmtree(gw.workdir, ignore_errors=True)
-        if svc is not None:
-            svc.stop()
-            if svc.log_path:
-                svc.log_path.unlink(missing_ok=True)
-        shutil.rmtree(keys, ignore_errors=True)
 
     out = args.out or ROOT / "bench" / "results" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     write_report(out, results, args)

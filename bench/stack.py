@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,28 @@ def service(model: str, repository: Path, *, redis_url: str | None = None, cache
     if redis_url:
         env["REDIS_URL"] = redis_url
     return ServiceProcess(module, prefix, env=env).start(timeout=180)
+
+
+@contextlib.contextmanager
+def owned_processes(keys_dir: Path) -> Iterator[dict[str, ServiceProcess | GatewayProcess]]:
+    """A dict to register processes in (name -> process, before `start()`, so a start-up failure still stops
+    them). On exit they are stopped in reverse order and their files removed, with the tail of each log
+    printed when the block failed; `keys_dir` (the bench's signing keys) is removed too."""
+    procs: dict[str, ServiceProcess | GatewayProcess] = {}
+    try:
+        yield procs
+    except Exception:
+        for name, proc in procs.items():
+            print(f"--- {name} log (tail) ---\n{proc.logs()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop()
+            if isinstance(proc, GatewayProcess):
+                shutil.rmtree(proc.workdir, ignore_errors=True)
+            elif proc.log_path:
+                proc.log_path.unlink(missing_ok=True)
+        shutil.rmtree(keys_dir, ignore_errors=True)
 
 
 @dataclass
