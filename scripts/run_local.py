@@ -28,6 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlplatform_gateway import auth
 from mlplatform_gateway import local as gateway
 
+from mlplatform.repository import ModelRepository
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -210,8 +212,8 @@ Press Ctrl-C to stop everything.
 def cnn_usage(repo: Path, gateway_port: int) -> str:
     """How to call the cnn service (digit images), with the sample image of its newest version."""
     cnn = configured(next(svc for svc in SERVICES if svc.name == "cnn"))
-    versions = sorted((int(p.name) for p in (repo / "cnn").iterdir() if p.name.isdigit()), reverse=True)
-    sample = repo / "cnn" / str(versions[0] if versions else 1) / "sample.png"
+    versions = ModelRepository(repo).versions("cnn")
+    sample = repo / "cnn" / str(versions[-1] if versions else 1) / "sample.png"
     return f"""  # cnn: classify a digit image (PNG/JPEG/BMP, base64 in JSON; bright ink on dark), top 3 classes:
   curl -s http://127.0.0.1:{gateway_port}/api/v1/cnn -H "Authorization: Bearer $TOKEN" \\
     -H 'content-type: application/json' -d "{{\\"image\\": \\"$(base64 -w0 {sample})\\", \\"top_k\\": 3}}"
