@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -14,6 +12,8 @@ from cnn.v1 import cnn_pb2 as pb
 from cnn.v1 import cnn_pb2_grpc as rpc
 
 from tests.cnn.helpers import tensor
+from tests.support import metrics
+from tests.support.metrics import Samples, scrape
 from tests.support.procs import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -21,21 +21,8 @@ pytestmark = pytest.mark.integration
 CNN = {"model": "cnn", "version": "1"}
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset], float]:
-    """Every sample of the service's /metrics: (name, labels) -> value."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
-        if m:
-            labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            samples[(m.group(1), labels)] = float(m.group(3))
-    return samples
-
-
-def delta(before: dict, after: dict, name: str, **labels: str) -> float:
-    key = (name, frozenset({**CNN, **labels}.items()))
-    return after.get(key, 0.0) - before.get(key, 0.0)
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return metrics.delta(before, after, name, **CNN, **labels)
 
 
 async def _concurrent(target: str, requests: list[pb.PredictRequest]) -> list[pb.PredictResponse]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -12,39 +10,27 @@ from sentiment.v1 import sentiment_pb2 as pb
 from sentiment.v1 import sentiment_pb2_grpc as rpc
 
 from tests.sentiment.conftest import long_text
+from tests.support import metrics
+from tests.support.metrics import scrape
 
 pytestmark = pytest.mark.integration
-
-SERIES = re.compile(r'^(\w+)\{([^}]*)\} (\S+)$')
-
-
-def scrape(svc) -> dict[tuple[str, str], float]:
-    """(metric name, kind label or '') -> value, for the sentiment model's batching series."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).read().decode()
-    out: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        m = SERIES.match(line)
-        if not m or 'model="sentiment"' not in m.group(2):
-            continue
-        kind = re.search(r'kind="(\w+)"', m.group(2))
-        out[(m.group(1), kind.group(1) if kind else "")] = float(m.group(3))
-    return out
 
 
 def test_concurrent_mixed_lengths_form_batches_grouped_by_length(sentiment_service):
     shorts = [f"Great product number {i}, love it." for i in range(48)]
     longs = [f"Order {i}: " + long_text(90) for i in range(48)]
     texts = [t for pair in zip(shorts, longs, strict=True) for t in pair]  # interleaved, unique (no cache hits)
-    before = scrape(sentiment_service)
+    before = scrape(sentiment_service.metrics_port)
     with grpc.insecure_channel(sentiment_service.target) as channel:
         stub = rpc.SentimentServiceStub(channel)
         with ThreadPoolExecutor(32) as pool:
             results = list(pool.map(lambda t: stub.Predict(pb.PredictRequest(text=t), timeout=120).prediction,
                                     texts))
-    after = scrape(sentiment_service)
+    after = scrape(sentiment_service.metrics_port)
 
     def delta(name: str, kind: str = "") -> float:
-        return after.get((name, kind), 0.0) - before.get((name, kind), 0.0)
+        labels = {"model": "sentiment", "version": "1", **({"kind": kind} if kind else {})}
+        return metrics.delta(before, after, name, **labels)
 
     tokens = [r.tokens for r in results]
     assert max(tokens) > 100 and min(tokens) < 20
