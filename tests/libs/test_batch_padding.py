@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from mlplatform.config import BatchingConfig, ModelConfig
 from mlplatform.model import Model, Tensors
-from mlplatform.repository import BatchingConfig, ModelConfig, ModelVersion
+from mlplatform.repository import ModelVersion
 
 
 def model_config(**batching: object) -> ModelConfig:

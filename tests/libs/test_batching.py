@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from mlplatform.batching import BatchResult, DynamicBatcher, group_by_length, pad_rows
+from mlplatform.batch_shapes import group_by_length, pad_rows
+from mlplatform.batching import BatchResult, DynamicBatcher
 from mlplatform.errors import (
     DeadlineExpiredError,
     InferenceError,

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from mlplatform.model import OnnxModel
+from mlplatform.backends import OnnxModel
 from mlplatform.repository import ModelRepository
 from mlplatform.runtimes.onnx import CPU, CUDA, DEFAULT_PREFERENCE, TENSORRT, OnnxRuntimeSession, select_providers
 

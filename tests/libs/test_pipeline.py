@@ -15,10 +15,11 @@ from prometheus_client import REGISTRY
 from mlplatform.batching import DynamicBatcher
 from mlplatform.breaker import Breaker
 from mlplatform.cache import LRUCache, row_key
+from mlplatform.config import ModelConfig
 from mlplatform.errors import DeadlineExpiredError, InferenceError, InvalidInputError, ModelNotReadyError
 from mlplatform.model import Model
 from mlplatform.pipeline import NOT_MODEL_FAILURES, Predictor
-from mlplatform.repository import ModelConfig, ModelVersion
+from mlplatform.repository import ModelVersion
 from tests.libs.helpers import wait_until
 
 _names = itertools.count()

@@ -10,8 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
+from mlplatform.config import load_config
 from mlplatform.errors import NotFoundError
-from mlplatform.repository import ModelRepository, load_config
+from mlplatform.repository import ModelRepository
 
 
 def config(name: str = "toy", version: int = 1, **changes: Any) -> dict[str, Any]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlplatform.model import runtime_variant
-from mlplatform.repository import ModelConfig
+from mlplatform.backends import runtime_variant
+from mlplatform.config import ModelConfig
 
 
 def config(platform: str = "pytorch_libtorch", options: dict | None = None) -> ModelConfig:

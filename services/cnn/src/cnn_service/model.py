@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from cnn_service.images import ImageLimits, pixel_problem
-from mlplatform.model import OnnxModel
+from mlplatform.backends import OnnxModel
 from mlplatform.repository import ModelVersion
 
 INPUT = "image"

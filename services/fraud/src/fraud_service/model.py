@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fraud_service.fallback import rule_based_probability
-from mlplatform.model import OnnxModel, Tensors
+from mlplatform.backends import OnnxModel
+from mlplatform.model import Tensors
 from mlplatform.repository import ModelVersion
 
 INPUT = "features"

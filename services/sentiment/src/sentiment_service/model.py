@@ -11,7 +11,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from mlplatform.model import RuntimeModel, Tensors
+from mlplatform.backends import RuntimeModel
+from mlplatform.model import Tensors
 from mlplatform.repository import ModelVersion
 from sentiment_service.text import TextEncoder, decode_texts
 

@@ -1,0 +1,156 @@
+"""Models served by a runtime: `OnnxModel` (ONNX Runtime) and `RuntimeModel` (TorchScript or ONNX
+Runtime, as the config's runtime variant says). With a `config.json` alone, either serves a model
+over the Open Inference Protocol (the generic model service); a service subclasses them for
+model-specific validation, pre/post-processing and fallbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlplatform.config import ModelConfig
+from mlplatform.model import Model, Tensors
+from mlplatform.repository import ModelVersion
+from mlplatform.runtimes.onnx import OnnxRuntimeSession, resolve_provider_options
+from mlplatform.runtimes.torchscript import TorchScriptSession
+
+
+def open_onnx_session(model: Model, path: Path, provider_options: Mapping[str, Mapping[str, Any]] | None,
+                      inputs: list[str], outputs: list[str], declared_by: str) -> OnnxRuntimeSession:
+    """An ONNX Runtime session with the model config's threads and providers; ValueError when the artifact's
+    inputs differ from `inputs` or it lacks one of `outputs` (`declared_by` names where those come from)."""
+    rt = model.config.runtime
+    session = OnnxRuntimeSession(path, intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads,
+                                 providers=rt.providers, provider_options=provider_options)
+    if sorted(session.input_names) != sorted(inputs):
+        raise ValueError(f"{model.name} v{model.version}: artifact inputs {session.input_names} "
+                         f"differ from {declared_by} inputs {inputs}")
+    missing = set(outputs) - set(session.output_names)
+    if missing:
+        raise ValueError(f"{model.name} v{model.version}: artifact lacks outputs {sorted(missing)}")
+    return session
+
+
+class OnnxModel(Model):
+    """A model served by ONNX Runtime, configured from the version's config."""
+
+    session: OnnxRuntimeSession
+
+    def _load(self) -> None:
+        self.session = open_onnx_session(self, self.model_version.artifact_path, self.provider_options(),
+                                         [s.name for s in self.inputs], [s.name for s in self.outputs], "config")
+
+    def provider_options(self) -> dict[str, dict]:
+        """The config's `runtime.options.provider_options` resolved for this version (cache paths under its
+        directory, TensorRT profile for batch 1 / `tensorrt_opt_batch_size` / max_batch_size)."""
+        rt = self.config.runtime
+        return resolve_provider_options(
+            rt.options.get("provider_options"), model_dir=self.model_version.path,
+            inputs=[(s.name, s.shape) for s in self.inputs], max_batch_size=self.max_batch_size,
+            opt_batch_size=rt.options.get("tensorrt_opt_batch_size"),
+        )
+
+    @property
+    def device(self) -> str:
+        return self.session.device
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session actually got."""
+        return self.session.providers
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        return self.session.run(inputs)
+
+    async def unload(self) -> None:
+        await super().unload()
+        self.__dict__.pop("session", None)
+
+
+BACKENDS = ("torchscript", "onnxruntime")
+PLATFORM_BACKENDS = {"pytorch_libtorch": "torchscript", "onnxruntime_onnx": "onnxruntime"}
+
+
+def runtime_variant(config: ModelConfig, name: str | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(variant name, backend, variant options) the config selects, or `name` overrides.
+
+    `runtime.options.variants` maps a variant name (e.g. "torchscript", "onnx", "onnx_int8") to
+    {"backend": "torchscript" | "onnxruntime", "artifact": file, ...}; `runtime.options.variant`
+    picks one. Without variants the backend follows the platform and the artifact is `artifact`.
+    """
+    opts = config.runtime.options
+    variants: dict[str, dict[str, Any]] = opts.get("variants") or {}
+    if not variants:
+        backend = PLATFORM_BACKENDS.get(config.platform)
+        if backend is None:
+            raise ValueError(f"platform {config.platform!r} has no runtime; known: {sorted(PLATFORM_BACKENDS)}")
+        if name not in (None, "", backend):
+            raise ValueError(f"runtime variant {name!r} is not in the config (no runtime.options.variants)")
+        return backend, backend, {"artifact": config.artifact}
+    chosen = name or opts.get("variant") or next(iter(variants))
+    if chosen not in variants:
+        raise ValueError(f"runtime variant {chosen!r} is not one of {sorted(variants)}")
+    variant = dict(variants[chosen])
+    if variant.get("backend") not in BACKENDS:
+        raise ValueError(f"runtime variant {chosen!r}: backend must be one of {BACKENDS}")
+    variant.setdefault("artifact", config.artifact)
+    return chosen, variant["backend"], variant
+
+
+class RuntimeModel(Model):
+    """A model run by the runtime its config chooses: TorchScript (FP16 on CUDA, FP32 on CPU) or ONNX Runtime.
+
+    The runtime's tensors may differ from the served ones (e.g. text in, token ids to the
+    runtime): a variant's `inputs` / `outputs` name the runtime's tensors, in call order for
+    TorchScript; by default they are the config's.
+    """
+
+    session: OnnxRuntimeSession | TorchScriptSession
+
+    def __init__(self, version: ModelVersion, runtime: str | None = None) -> None:
+        super().__init__(version)
+        self.runtime_name, self.backend, self.variant = runtime_variant(self.config, runtime)
+        self.runtime_path = version.path / self.variant["artifact"]
+        if not self.runtime_path.is_file():
+            raise ValueError(f"{self.name} v{self.version}: runtime {self.runtime_name!r} artifact "
+                             f"{self.variant['artifact']!r} is missing")
+        self.runtime_inputs: list[str] = list(self.variant.get("inputs") or [s.name for s in self.inputs])
+        self.runtime_outputs: list[str] = list(self.variant.get("outputs") or [s.name for s in self.outputs])
+
+    def _load(self) -> None:
+        rt = self.config.runtime
+        options = {**rt.options, **self.variant}
+        if self.backend == "torchscript":
+            self.session = TorchScriptSession(
+                self.runtime_path, input_names=self.runtime_inputs, output_names=self.runtime_outputs,
+                intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads, options=options,
+            )
+            return
+        self.session = open_onnx_session(self, self.runtime_path, options.get("provider_options"),
+                                         self.runtime_inputs, self.runtime_outputs, "runtime")
+
+    @property
+    def device(self) -> str:
+        return self.session.device
+
+    @property
+    def providers(self) -> list[str]:
+        """ONNX Runtime providers in use, or `torchscript:<device>:<precision>`."""
+        if isinstance(self.session, TorchScriptSession):
+            return [f"torchscript:{self.session.choice.device}:{self.session.precision}"]
+        return self.session.providers
+
+    def run_runtime(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        """Run the runtime on its own tensors (blocking)."""
+        return self.session.run(inputs)
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        return self.run_runtime(inputs)
+
+    async def unload(self) -> None:
+        await super().unload()
+        self.__dict__.pop("session", None)

@@ -1,0 +1,108 @@
+"""The schema of one model version's `config.json` (Triton-style knobs), and its parser.
+
+Where the file lives and which version is served is `mlplatform.repository`'s concern.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlplatform.tensors import TensorSpec
+
+CONFIG_FILE = "config.json"
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching knobs (named after Triton's where they mean the same)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1)
+    """Most rows in one inference call; also the most rows one request may carry."""
+    max_queue_delay_ms: float = Field(5.0, ge=0)
+    """How long the first request of a batch may wait for others to join it."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Requests waiting at most; beyond it new ones get RESOURCE_EXHAUSTED."""
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    """Batch sizes the runtime is fastest at (reported in ModelConfig, used for warm-up)."""
+    max_concurrent_batches: int = Field(1, ge=1)
+    """Batches in the runtime at once (more overlaps Python work with inference)."""
+    length_group_overhead: int = Field(256, ge=0)
+    """Variable-length models: padded positions one more runtime call is worth; a closed batch is
+    cut into length groups where that saves more padding (0: always one group per length)."""
+    pad_to_preferred: Literal["never", "gpu", "always"] = "never"
+    """Pad each batch with copies of its last row up to the smallest of `preferred_batch_sizes` (and
+    `max_batch_size`) that holds it, like TF Serving's `allowed_batch_sizes`, so the runtime only ever
+    sees those shapes, all warmed up. `gpu`: only when the model runs on a GPU, where CUDA/cuDNN set
+    up each new shape on its first call (tens of ms) and extra rows cost almost nothing."""
+
+    def padded_sizes(self) -> list[int]:
+        """The batch sizes batches are padded to (ascending), ending with max_batch_size."""
+        return sorted({*self.preferred_batch_sizes, self.max_batch_size})
+
+
+class RuntimeConfig(BaseModel):
+    """Runtime options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    intra_op_threads: int = Field(1, ge=0)
+    """Threads inside one operator (0: the runtime's default)."""
+    inter_op_threads: int = Field(1, ge=0)
+    """Threads across operators (0: the runtime's default)."""
+    providers: list[str] | None = None
+    """ONNX Runtime execution providers in preference order; default TensorRT, CUDA, CPU."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Runtime-specific options (e.g. TensorRT FP16, engine cache directory)."""
+
+
+class WarmupConfig(BaseModel):
+    """Warm-up inferences run after load and before the service reports SERVING."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    iterations: int = Field(1, ge=1)
+
+
+class ModelConfig(BaseModel):
+    """One model version's `config.json`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(min_length=1)
+    version: int = Field(ge=1)
+    platform: str
+    """Triton-style platform name, e.g. `onnxruntime_onnx`."""
+    artifact: str
+    """File of the model, relative to the version directory."""
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    """Model-specific settings (threshold, feature ranges, labels, build metrics)."""
+
+    @model_validator(mode="after")
+    def _batch_dims(self) -> Self:
+        for spec in [*self.inputs, *self.outputs]:
+            if not spec.shape or spec.shape[0] != -1:
+                raise ValueError(f"tensor {spec.name!r}: the first dimension must be the batch (-1)")
+        too_big = [b for b in [*self.batching.preferred_batch_sizes, *self.warmup.batch_sizes]
+                   if b > self.batching.max_batch_size or b < 1]
+        if too_big:
+            raise ValueError(f"batch sizes {too_big} are outside 1..max_batch_size={self.batching.max_batch_size}")
+        return self
+
+
+def load_config(path: Path) -> ModelConfig:
+    """Parse and validate a config file; the error names the file and field."""
+    try:
+        return ModelConfig.model_validate(json.loads(Path(path).read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ValueError(f"{path}: invalid model config: {exc}") from None
