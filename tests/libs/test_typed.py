@@ -1,17 +1,25 @@
-"""mlplatform.typed: version and batch-size checks, per-item parsing, ordered streams with per-message errors."""
+"""mlplatform.dataplane and mlplatform.typed: the version and batch-size rules, per-item checks that never
+harm the other items, whole-request checks for OIP, and ordered streams with per-message errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import pytest
 
+from mlplatform.dataplane import DataPlane, RowAnswer, check_rows, check_version, row_shape_problem
 from mlplatform.errors import InvalidInputError, NotFoundError, ServingError
-from mlplatform.typed import batch_results, check_batch_size, check_version, split_valid, stream_results
+from mlplatform.model import Model, Tensors
+from mlplatform.tensors import TensorSpec
+from mlplatform.typed import stream_results
+from tests.libs import test_pipeline
+from tests.libs.test_pipeline import rows
 
 MODEL = SimpleNamespace(name="digits", version="3")
+make_predictor = test_pipeline.make_predictor  # the fixture: a warmed-up Predictor around a real numpy model
 
 
 @pytest.mark.parametrize("requested", ["", "0", "3"])
@@ -24,36 +32,91 @@ def test_other_version_is_not_found_and_names_the_field():
         check_version(MODEL, "2", "images.model_version")  # type: ignore[arg-type]
     assert err.value.code == grpc.StatusCode.NOT_FOUND
     assert err.value.message == "images.model_version: digits has no version '2' served; served version: 3"
+    with pytest.raises(NotFoundError, match=r"^model 'digits' has no version '2' served; served version: 3$"):
+        check_version(MODEL, "2")  # type: ignore[arg-type]
 
 
-def test_batch_size_limits():
-    check_batch_size(1, 4, "texts")
-    check_batch_size(4, 4, "texts")
+def test_batch_size_limits_for_typed_items_and_oip_rows():
+    check_rows(1, 4, "texts")
+    check_rows(4, 4, "texts")
     with pytest.raises(InvalidInputError, match=r"^texts: empty batch, at least one item is required$"):
-        check_batch_size(0, 4, "texts")
+        check_rows(0, 4, "texts")
     with pytest.raises(InvalidInputError, match=r"^texts: 5 items, at most 4 per batch$"):
-        check_batch_size(5, 4, "texts")
+        check_rows(5, 4, "texts")
+    with pytest.raises(InvalidInputError, match=r"^batch of 5 rows is over the limit of 4$"):
+        check_rows(5, 4)
+    with pytest.raises(InvalidInputError, match=r"^empty batch: at least one row is required$"):
+        check_rows(0, 4)
 
 
-def test_split_valid_keeps_good_items_in_order_and_errors_by_index():
-    def parse(i: int, item: str) -> int:
-        if not item.isdigit():
-            raise InvalidInputError(f"items[{i}]: {item!r} is not a number")
-        return int(item)
-
-    out = split_valid(["1", "x", "3", "", "5"], parse)
-    assert out.indices == [0, 2, 4]
-    assert out.values == [1, 3, 5]
-    assert sorted(out.errors) == [1, 3]
-    assert out.errors[1].message == "items[1]: 'x' is not a number"
+@pytest.mark.parametrize(("row", "problem"), [
+    (np.zeros(4, np.float32), None),
+    (np.zeros(3, np.float32), "x: expected 4 values, got 3"),
+    (np.zeros((2, 2), np.float32), "x: expected 4 values, got 2"),
+    (np.zeros(4, np.float64), "x: datatype must be FP32"),
+])
+def test_row_shape_problem_names_the_tensor(row, problem):
+    assert row_shape_problem(TensorSpec(name="x", datatype="FP32", shape=[-1, 4]), row) == problem
 
 
-def test_split_valid_lets_unexpected_errors_through():
-    def parse(i: int, item: str) -> str:
-        raise KeyError(item)
+def test_row_shape_problem_for_a_multi_dimensional_tensor():
+    spec = TensorSpec(name="image", datatype="FP32", shape=[-1, 1, 2, 2])
+    assert row_shape_problem(spec, np.zeros((1, 2, 2), np.float32)) is None
+    assert row_shape_problem(spec, np.zeros((1, 3, 2), np.float32)) == "image: shape [1, 3, 2] does not match [1, 2, 2]"
 
-    with pytest.raises(KeyError):
-        split_valid(["a"], parse)
+
+async def _parse_numbers(model: Model, items: Sequence[str], fields: Sequence[str]) -> list[Tensors | ServingError]:
+    out: list[Tensors | ServingError] = []
+    for item, field in zip(items, fields, strict=True):
+        if item == "bad":
+            out.append(InvalidInputError(f"{field}: not a row"))
+        else:
+            out.append({"x": np.array([float(v) for v in item.split()], dtype=np.float32)})
+    return out
+
+
+async def test_infer_rows_answers_every_item_in_order_with_per_item_errors(make_predictor):
+    predictor = await make_predictor(cache=False)
+    plane = DataPlane({predictor.model.name: predictor})
+    items = ["1 2 3 4", "bad", "1 2 3", "5 6 7 8", "nan 1 1 1"]
+    fields = [f"rows[{i}]" for i in range(len(items))]
+    answers = await plane.infer_rows(predictor.model.name, "", items, fields, _parse_numbers, batch_field="rows")
+    assert isinstance(answers[0], RowAnswer) and float(answers[0].outputs["y"]) == 10.0
+    assert isinstance(answers[3], RowAnswer) and float(answers[3].outputs["y"]) == 26.0
+    assert answers[1].message == "rows[1]: not a row"
+    assert answers[2].message == "rows[2].x: expected 4 values, got 3"
+    assert isinstance(answers[4], RowAnswer)  # SumModel has no row checks: nan is its own answer
+    assert [len(c) for c in predictor.model.calls] == [3]  # the good items in one runtime call
+
+
+async def test_infer_rows_checks_version_and_batch_size_before_parsing(make_predictor):
+    predictor = await make_predictor(cache=False)
+    plane = DataPlane({predictor.model.name: predictor})
+    name = predictor.model.name
+
+    async def never(model: Model, items: Sequence[str], fields: Sequence[str]) -> list[Tensors | ServingError]:
+        raise AssertionError("parsed before the request-level checks")
+
+    with pytest.raises(NotFoundError, match=r"^model_version: sum-\d+ has no version '9' served"):
+        await plane.infer_rows(name, "9", ["1 2 3 4"], ["rows[0]"], never, batch_field="rows")
+    with pytest.raises(InvalidInputError, match=r"^rows: 9 items, at most 8 per batch$"):
+        await plane.infer_rows(name, "", ["1 2 3 4"] * 9, ["r"] * 9, never, batch_field="rows")
+    with pytest.raises(NotFoundError, match=r"^unknown model 'nope'; served: \['sum-\d+'\]$"):
+        await plane.infer_rows("nope", "", ["1 2 3 4"], ["r"], never)
+
+
+async def test_infer_checks_the_whole_request(make_predictor):
+    predictor = await make_predictor(cache=False)
+    plane = DataPlane({predictor.model.name: predictor})
+    name = predictor.model.name
+    out = await plane.infer(name, "2", {"x": rows(0, 1)}, outputs=["y"])
+    np.testing.assert_allclose(out.outputs["y"], [6.0, 10.0])
+    with pytest.raises(InvalidInputError, match=r"unknown requested output\(s\) \['z'\]"):
+        await plane.infer(name, "", {"x": rows(0)}, outputs=["z"])
+    with pytest.raises(InvalidInputError, match=r"^batch of 9 rows is over the limit of 8$"):
+        await plane.infer(name, "", {"x": rows(*range(9))})
+    with pytest.raises(NotFoundError, match=r"^model 'sum-\d+' has no version '1' served"):
+        await plane.infer(name, "1", {"x": rows(0)})
 
 
 async def test_stream_results_answers_each_message_in_order_with_its_own_error():
@@ -72,33 +135,3 @@ async def test_stream_results_answers_each_message_in_order_with_its_own_error()
     out = [r async for r in stream_results(requests(), handle, on_error, max_in_flight=2)]
     assert out == ["sqrt=2", "error[1] INVALID_ARGUMENT: negative: -1", "sqrt=3",
                    "error[3] INVALID_ARGUMENT: negative: -2", "sqrt=4"]
-
-
-async def test_batch_results_predicts_good_items_together_and_answers_every_item_in_order():
-    def parse(i: int, item: str) -> int:
-        if not item.isdigit():
-            raise InvalidInputError(f"items[{i}]: not a number")
-        return int(item)
-
-    calls: list[tuple[list[int], list[int]]] = []
-
-    async def predict(indices: list[int], values: list[int]) -> list[int]:
-        calls.append((indices, values))
-        return [v * v for v in values]
-
-    items = ["3", "x", "4", "y"]
-    out = await batch_results(split_valid(items, parse), len(items), predict, lambda v: f"ok {v}",
-                              lambda i, err: f"error[{i}] {err.message}")
-    assert out == ["ok 9", "error[1] items[1]: not a number", "ok 16", "error[3] items[3]: not a number"]
-    assert calls == [([0, 2], [3, 4])]  # one predict call for the good items
-
-
-async def test_batch_results_with_no_good_item_does_not_predict():
-    async def predict(indices: list[int], values: list[int]) -> list[int]:
-        raise AssertionError("predict called for an all-bad batch")
-
-    def parse(i: int, item: str) -> int:
-        raise InvalidInputError(f"items[{i}]: bad")
-
-    out = await batch_results(split_valid(["a", "b"], parse), 2, predict, str, lambda i, err: err.message)
-    assert out == ["items[0]: bad", "items[1]: bad"]

@@ -1,15 +1,17 @@
 """Open Inference Protocol (KServe v2) gRPC servicer, with Triton's ModelStreamInfer and ModelConfig.
 
-A thin transport layer: decode tensors, check them against the model's metadata,
-hand them to the same `Predictor` the typed API uses, encode the outputs. Outputs
-are returned as `raw_output_contents` (what tritonclient and perf_analyzer read).
+A thin transport layer: decode tensors, hand them to the data plane (which resolves the
+model, checks the inputs and predicts, as for the typed APIs), encode the outputs. Outputs
+are returned as `raw_output_contents` (what tritonclient and perf_analyzer read), except to
+REST clients of the gateway (its transcoder marks them with `x-gateway-content-type`) that
+sent typed `contents`: they get typed `contents` back, numbers rather than base64.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -18,9 +20,9 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
 
 from mlplatform import __version__
-from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_on_serving_error
-from mlplatform.interceptors import set_request_model
-from mlplatform.pipeline import Predictor
+from mlplatform.dataplane import DataPlane
+from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
+from mlplatform.model import Model
 from mlplatform.streaming import ordered_concurrent
 from mlplatform.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
 
@@ -104,28 +106,22 @@ def oip_datatype(arr: np.ndarray) -> str:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Serves the models of this process over the Open Inference Protocol."""
 
-    def __init__(self, predictors: Mapping[str, Predictor], *, max_stream_in_flight: int = 64) -> None:
-        self.predictors = dict(predictors)
+    def __init__(self, dataplane: DataPlane, *, max_stream_in_flight: int = 64) -> None:
+        self.dataplane = dataplane
         self.max_stream_in_flight = max_stream_in_flight
 
-    def _resolve(self, name: str, version: str) -> Predictor:
-        predictor = self.predictors.get(name)
-        if predictor is None:
-            raise NotFoundError(f"unknown model {name!r}; served: {sorted(self.predictors)}")
-        if version not in ("", "0", predictor.model.version):
-            raise NotFoundError(f"model {name!r} has no version {version!r} served; "
-                                f"served version: {predictor.model.version}")
-        return predictor
+    def _model(self, name: str, version: str) -> Model:
+        return self.dataplane.model(name, version)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=all(p.model.ready for p in self.predictors.values()))
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     @abort_on_serving_error
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._resolve(request.name, request.version).model.ready)
+        return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -134,7 +130,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        model = self._resolve(request.name, request.version).model
+        model = self._model(request.name, request.version)
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -146,7 +142,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        model = self._resolve(request.name, request.version).model
+        model = self._model(request.name, request.version)
         cfg = model.config
         batching = cfg.batching
         return pb.ModelConfigResponse(config=mc.ModelConfig(
@@ -170,7 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        return await self._infer(request, context.time_remaining(), _json_client(context))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -185,10 +181,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in ordered_concurrent(requests, handle, max_in_flight=self.max_stream_in_flight):
             yield response
 
-    async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None) -> pb.ModelInferResponse:
-        predictor = self._resolve(request.model_name, request.model_version)
-        model = predictor.model
-        set_request_model(model.name, model.version)
+    async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None,
+                     json_client: bool = False) -> pb.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
         if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInputError(f"{len(request.raw_input_contents)} raw_input_contents for "
                                     f"{len(request.inputs)} inputs")
@@ -198,26 +193,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise InvalidInputError(f"input {tensor.name!r} is given twice")
             raw = request.raw_input_contents[i] if request.raw_input_contents else None
             inputs[tensor.name] = decode_tensor(tensor, raw)
-        model.check_inputs(inputs)
-        problems = [(i, p) for i, p in enumerate(model.validate_rows(inputs)) if p]
-        if problems:
-            shown = "; ".join(f"row {i}: {p}" for i, p in problems[:5])
-            more = f" (and {len(problems) - 5} more rows)" if len(problems) > 5 else ""
-            raise InvalidInputError(f"invalid input: {shown}{more}")
-        wanted = [o.name for o in request.outputs] or [s.name for s in model.outputs]
-        known = {s.name for s in model.outputs}
-        unknown = [w for w in wanted if w not in known]
-        if unknown:
-            raise InvalidInputError(f"unknown requested output(s) {unknown}; model outputs: {sorted(known)}")
-        prediction = await predictor.predict(inputs, timeout_s=timeout_s)
+        wanted = [o.name for o in request.outputs]
+        prediction = await self.dataplane.infer(request.model_name, request.model_version, inputs,
+                                                outputs=wanted, timeout_s=timeout_s)
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         response.parameters["cached_rows"].int64_param = int(prediction.cached.sum())
         response.parameters["fallback_rows"].int64_param = int(prediction.fallback.sum())
-        for name in wanted:
+        names = wanted or [s.name for s in model.outputs]
+        # OIP: raw contents for every output or for none; FP16/BF16 only travel raw.
+        typed = json_client and not request.raw_input_contents and all(
+            oip_datatype(prediction.outputs[n]) in _CONTENTS_FIELD for n in names)
+        for name in names:
             arr = prediction.outputs[name]
-            response.outputs.add(name=name, datatype=oip_datatype(arr), shape=arr.shape)
-            response.raw_output_contents.append(encode_tensor(arr))
+            out = response.outputs.add(name=name, datatype=oip_datatype(arr), shape=arr.shape)
+            if typed:
+                getattr(out.contents, _CONTENTS_FIELD[out.datatype]).extend(_plain(arr))
+            else:
+                response.raw_output_contents.append(encode_tensor(arr))
         return response
+
+
+def _json_client(context: Context) -> bool:
+    """The call is a REST request transcoded by the gateway (which records the client's content type)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-gateway-content-type":
+            return not str(value).startswith("application/grpc")
+    return False
+
+
+def _plain(arr: np.ndarray) -> list:
+    """A tensor's elements as Python values for typed contents (BYTES as bytes)."""
+    if arr.dtype == np.object_:
+        return [_as_bytes(x) for x in arr.ravel()]
+    return arr.ravel().tolist()
 
 
 def _cfg_type(datatype: str) -> str:

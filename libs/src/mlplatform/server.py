@@ -5,9 +5,10 @@ SERVING. On SIGTERM/SIGINT: health NOT_SERVING, optional drain delay so load
 balancers notice, then stop accepting calls and let in-flight ones finish within
 the grace period, then stop the batcher and unload.
 
-A service provides its settings class, a model factory and a function that adds
-its typed servicer; this module adds health, reflection, the Open Inference
-Protocol servicer, metrics and tracing.
+A service provides its settings class, a model factory and (optionally) its typed API;
+this module adds the data plane, health, reflection, the Open Inference Protocol
+servicer, metrics and tracing. One process may serve several models (the generic
+model service does): each gets its own batcher and breaker, they share the cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,11 +28,13 @@ from mlplatform import metrics, tracing
 from mlplatform.batching import DynamicBatcher
 from mlplatform.breaker import Breaker
 from mlplatform.cache import LRUCache, PredictionCache, RedisCache
+from mlplatform.dataplane import DataPlane
 from mlplatform.interceptors import MetricsInterceptor
 from mlplatform.model import Model
 from mlplatform.pipeline import NOT_MODEL_FAILURES, Predictor
 from mlplatform.repository import ModelRepository, ModelVersion
 from mlplatform.settings import ServiceSettings
+from mlplatform.typed import TypedApi
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +48,19 @@ class ServiceSpec:
     name: str
     """Service name for logs and traces, e.g. `fraud`."""
     default_model: str
-    """Model name served unless settings say otherwise."""
+    """Model served unless settings say otherwise (empty: the settings' `model_names` list them)."""
     model_factory: ModelFactory
     """Builds the (unloaded) model for a resolved version."""
-    add_servicer: Callable[[grpc.aio.Server, Predictor, ServiceSettings], None]
-    """Adds the typed servicer to the server."""
-    grpc_service_names: tuple[str, ...]
-    """Fully-qualified typed service names, for health and reflection."""
+    typed_api: TypedApi | None = None
+    """The typed API served beside the Open Inference Protocol (None: OIP only)."""
+    extra_services: tuple[str, ...] = field(default=())
+    """Other fully-qualified gRPC services this server answers (health and reflection)."""
+
+    @property
+    def grpc_service_names(self) -> tuple[str, ...]:
+        """Fully-qualified typed service names, for health and reflection."""
+        typed = (self.typed_api.full_name,) if self.typed_api is not None else ()
+        return (*typed, *self.extra_services)
 
 
 def build_cache(settings: ServiceSettings) -> PredictionCache | None:
@@ -65,36 +74,50 @@ def build_cache(settings: ServiceSettings) -> PredictionCache | None:
     return LRUCache(settings.cache_max_entries, settings.cache_ttl_s)
 
 
+def build_predictor(model: Model, settings: ServiceSettings, cache: PredictionCache | None) -> Predictor:
+    """The model behind its own batcher (the config's knobs) and circuit breaker, sharing `cache`."""
+    cfg = model.config.batching
+    batcher = DynamicBatcher(
+        model.infer,
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_s=cfg.max_queue_delay_ms / 1000,
+        max_queue_size=cfg.max_queue_size,
+        max_concurrent_batches=cfg.max_concurrent_batches,
+        model=model.name,
+        version=model.version,
+        lengths_of=model.sequence_lengths if model.variable_length else None,
+        group_overhead=cfg.length_group_overhead,
+    )
+    breaker = Breaker(f"model-{model.name}", fail_max=settings.breaker_fail_max,
+                      reset_timeout_s=settings.breaker_reset_s, exclude=NOT_MODEL_FAILURES)
+    return Predictor(model, batcher, breaker=breaker, cache=cache)
+
+
 class ModelServer:
-    """One model behind a grpc.aio server with health, reflection, OIP, metrics and tracing."""
+    """Models behind a grpc.aio server with the data plane, health, reflection, OIP, metrics and tracing."""
 
     def __init__(self, spec: ServiceSpec, settings: ServiceSettings) -> None:
         self.spec = spec
         self.settings = settings
-        model_name = settings.model_name or spec.default_model
-        version = ModelRepository(settings.model_repository).resolve(model_name, settings.model_version)
-        self.model = spec.model_factory(version)
-        cfg = self.model.config.batching
-        self.batcher = DynamicBatcher(
-            self.model.infer,
-            max_batch_size=cfg.max_batch_size,
-            max_queue_delay_s=cfg.max_queue_delay_ms / 1000,
-            max_queue_size=cfg.max_queue_size,
-            max_concurrent_batches=cfg.max_concurrent_batches,
-            model=self.model.name,
-            version=self.model.version,
-            lengths_of=self.model.sequence_lengths if self.model.variable_length else None,
-            group_overhead=cfg.length_group_overhead,
-        )
+        names = settings.served_models(spec.default_model)
+        if not names:
+            raise ValueError(f"{spec.name}: no model to serve (set the service's MODELS setting)")
+        repository = ModelRepository(settings.model_repository)
+        pinned = settings.model_version if len(names) == 1 else None
+        self.models = [spec.model_factory(repository.resolve(name, pinned)) for name in names]
         self.cache = build_cache(settings)
-        self.breaker = Breaker(f"model-{self.model.name}", fail_max=settings.breaker_fail_max,
-                               reset_timeout_s=settings.breaker_reset_s, exclude=NOT_MODEL_FAILURES)
-        self.predictor = Predictor(self.model, self.batcher, breaker=self.breaker, cache=self.cache)
+        self.predictors = {m.name: build_predictor(m, settings, self.cache) for m in self.models}
+        self.dataplane = DataPlane(self.predictors)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
         self._stopping = asyncio.Event()
+
+    @property
+    def model(self) -> Model:
+        """The first (for a typed service: the only) model served."""
+        return self.models[0]
 
     @property
     def health_names(self) -> tuple[str, ...]:
@@ -125,11 +148,11 @@ class ModelServer:
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.spec.add_servicer(self.server, self.predictor, s)
+        if self.spec.typed_api is not None:
+            self.spec.typed_api.add_to_server(self.server, self.dataplane, self.model.name,
+                                              max_stream_in_flight=s.max_stream_in_flight)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer({self.model.name: self.predictor}, max_stream_in_flight=s.max_stream_in_flight),
-            self.server,
-        )
+            InferenceServicer(self.dataplane, max_stream_in_flight=s.max_stream_in_flight), self.server)
         reflection.enable_server_reflection(
             (*self.spec.grpc_service_names, "inference.GRPCInferenceService", reflection.SERVICE_NAME,
              health.SERVICE_NAME),
@@ -142,17 +165,23 @@ class ModelServer:
         self.metrics_port = metrics.start_metrics_server(s.metrics_port, s.host)
         log.info("%s: gRPC listening on %s:%d (NOT_SERVING until warm-up), cache=%s", self.spec.name, s.host,
                  self.port, self.cache.backend if self.cache is not None else "off")
-        await self.model.load()
-        self.batcher.pad_sizes = self.model.batch_pad_sizes()
-        if self.batcher.pad_sizes:
-            log.info("%s: batches padded up to sizes %s on %s", self.spec.name, self.batcher.pad_sizes,
-                     self.model.device)
-        await self.model.warmup(s.warmup_iterations)
-        await self.batcher.start()
+        for model in self.models:
+            await self._load(model)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s: serving %s v%s on %s (SERVING)", self.spec.name, self.model.name, self.model.version,
-                 self.model.device)
+        log.info("%s: serving %s (SERVING)", self.spec.name,
+                 ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.models))
         return self.port
+
+    async def _load(self, model: Model) -> None:
+        """Load and warm up one model, then start its batcher (padded to its device's sizes)."""
+        batcher = self.predictors[model.name].batcher
+        await model.load()
+        batcher.pad_sizes = model.batch_pad_sizes()
+        if batcher.pad_sizes:
+            log.info("%s: %s batches padded up to sizes %s on %s", self.spec.name, model.name, batcher.pad_sizes,
+                     model.device)
+        await model.warmup(self.settings.warmup_iterations)
+        await batcher.start()
 
     def request_stop(self) -> None:
         """Ask the server to shut down gracefully (signal handler)."""
@@ -172,8 +201,9 @@ class ModelServer:
             await asyncio.sleep(s.drain_delay_s)
         if self.server is not None:
             await self.server.stop(s.grace_period_s)
-        await self.batcher.stop()
-        await self.model.unload()
+        for predictor in self.predictors.values():
+            await predictor.batcher.stop()
+            await predictor.model.unload()
         if self.cache is not None:
             await self.cache.close()
         tracing.shutdown_tracing()

@@ -38,7 +38,9 @@ class ServiceSettings(BaseSettings):
     model_name: str = ""
     """Model served; defaults to the service's model name."""
     model_version: int | None = Field(None, ge=1)
-    """Pin a version; by default the newest version in the repository is served."""
+    """Pin a version (single-model services); by default the newest version in the repository is served."""
+    models: str = Field("", pattern=r"^[A-Za-z0-9_.,-]*$")
+    """Models this process serves, comma-separated (the generic model service); empty: `model_name`."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Maximum gRPC message size, received and sent (gRPC's default is 4 MiB)."""
     grace_period_s: float = Field(10.0, ge=0)
@@ -72,6 +74,11 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     """Python log level."""
 
+    def served_models(self, default: str) -> list[str]:
+        """The model names to serve: `models` when set, else `model_name` or the service's `default`."""
+        listed = [m.strip() for m in self.models.split(",") if m.strip()]
+        return listed or [m for m in [self.model_name or default] if m]
+
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:
         if self.grpc_port and self.grpc_port == self.metrics_port:
@@ -80,6 +87,29 @@ class ServiceSettings(BaseSettings):
 
 
 S = TypeVar("S", bound=ServiceSettings)
+
+
+def service_settings(env_prefix: str, default_grpc_port: int, default_metrics_port: int, default_model: str = "",
+                     base: type[S] = ServiceSettings) -> type[S]:  # type: ignore[assignment]
+    """The settings class of one service: `base`'s fields under `env_prefix` (`FRAUD_`), with its default ports
+    and model (shared/README conventions). Subclass the result to add service-specific fields."""
+
+    class Settings(base):  # type: ignore[valid-type,misc]
+        __doc__ = f"Environment: `{env_prefix}GRPC_PORT`, `{env_prefix}MODEL_REPOSITORY`, ...; shared: `REDIS_URL`."
+        model_config = SettingsConfigDict(
+            env_prefix=env_prefix, extra="ignore", validate_default=True, use_attribute_docstrings=True,
+            protected_namespaces=(),
+        )
+
+        grpc_port: int = Field(default_grpc_port, ge=0, le=65535)
+        """gRPC port of the service (0 picks a free one)."""
+        metrics_port: int = Field(default_metrics_port, ge=0, le=65535)
+        """Prometheus port of the service (0 disables it)."""
+        model_name: str = default_model
+        """Model served."""
+
+    Settings.__name__ = Settings.__qualname__ = f"{env_prefix.strip('_').title()}Settings"
+    return Settings
 
 
 def load_settings(cls: type[S], **overrides: object) -> S:

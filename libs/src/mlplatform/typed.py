@@ -1,89 +1,161 @@
-"""Building blocks of a typed (per-service proto) servicer, shared by every model service.
+"""Typed (per-model proto) APIs, described declaratively and served by one generic servicer.
 
-A typed servicer maps its proto messages to tensors and back; the checks and the
-control flow around that are the same for every service and live here:
-`check_version` (the served version or NOT_FOUND), `check_batch_size` (empty or
-over-limit batches), `split_valid` (parse each item of a batch, keeping per-item
-errors so one bad item never fails the others), `batch_results` (predict the good
-items, answer every item in order) and `stream_results` (a bidi
-stream answered in order, a bad message answered with its own error).
+Every typed service follows one proto convention (see protos/*/v1/*.proto):
+
+    rpc Predict(PredictRequest) returns (PredictResponse);            // one item
+    rpc PredictBatch(PredictBatchRequest) returns (PredictBatchResponse);  // N items, each answered
+    rpc StreamPredict(stream PredictRequest) returns (stream <Result>);    // bidi, in order
+
+where `PredictResponse.<answer>` is the item's answer, `<Result>` is `oneof {<answer>, ItemError error}`
+and `PredictBatchResponse` has `repeated <Result> results`, `model_name`, `model_version`.
+A `TypedApi` names those messages and supplies the two functions that are specific to the
+model: `parse` (one item -> its tensors) and `wrap` (one item's outputs -> its answer message).
+`TypedServicer` does the rest by calling the data plane, so a typed API is its proto plus a
+parse/wrap pair, not a copied class.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
 
-from mlplatform.errors import InvalidInputError, NotFoundError, ServingError
-from mlplatform.model import Model
+import grpc
+
+from mlplatform.dataplane import DataPlane, RowAnswer
+from mlplatform.errors import ServingError, abort_on_serving_error
+from mlplatform.model import Model, Tensors
 from mlplatform.streaming import ordered_concurrent
 
-Item = TypeVar("Item")
-Parsed = TypeVar("Parsed")
-Answer = TypeVar("Answer")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+Message = Any
+Context = grpc.aio.ServicerContext
 
 
-def check_version(model: Model, requested: str, field_name: str = "model_version") -> None:
-    """Raise NOT_FOUND unless `requested` is empty, "0" or the served version."""
-    if requested not in ("", "0", model.version):
-        raise NotFoundError(f"{field_name}: {model.name} has no version {requested!r} served; "
-                            f"served version: {model.version}")
+def _no_options(model: Model, request: Message) -> None:
+    return None
 
 
-def check_batch_size(n: int, limit: int, field_name: str) -> None:
-    """Raise INVALID_ARGUMENT for an empty batch or one over `limit` items, naming the field."""
-    if n == 0:
-        raise InvalidInputError(f"{field_name}: empty batch, at least one item is required")
-    if n > limit:
-        raise InvalidInputError(f"{field_name}: {n} items, at most {limit} per batch")
+@dataclass(frozen=True)
+class TypedApi:
+    """A typed gRPC API: which proto messages it uses and how one item maps to tensors and back."""
+
+    pb: ModuleType
+    """The generated messages module (`fraud_pb2`)."""
+    pb_grpc: ModuleType
+    """The generated service module (`fraud_pb2_grpc`)."""
+    service: str
+    """The service's short name in the proto (`FraudService`)."""
+    answer_field: str
+    """Field of `PredictResponse` and of the result message that holds an item's answer (`prediction`)."""
+    result: str
+    """The per-item result message: oneof answer / `ItemError error` (`FraudResult`)."""
+    batch_field: str
+    """Repeated items of `PredictBatchRequest` (`transactions`)."""
+    item_field: str | None
+    """The item in `PredictRequest` (`transaction`); None when the request itself is the item."""
+    parse: Callable[[Model, Message, str], Tensors]
+    """One item -> its input tensors without the batch dimension; InvalidInputError naming `field` if bad."""
+    wrap: Callable[[Model, Message, RowAnswer, Any], Message]
+    """One item, its outputs and the request's options -> the answer message."""
+    options: Callable[[Model, Message], Any] = _no_options
+    """Request-level options checked before parsing (e.g. top_k); passed to `wrap`."""
+    problem_format: str = "{field}.{problem}"
+    """How a shape or row problem of an item reads, given the item's field (`transactions[3]`)."""
+    parse_off_loop: Callable[[Sequence[Message]], bool] | None = None
+    """Parse these items on a worker thread (e.g. large images to decode); None: always inline."""
+
+    @property
+    def full_name(self) -> str:
+        """The fully-qualified service name (`fraud.v1.FraudService`), for health, reflection and routes."""
+        return self.pb.DESCRIPTOR.services_by_name[self.service].full_name
+
+    def add_to_server(self, server: grpc.aio.Server, dataplane: DataPlane, model_name: str, *,
+                      max_stream_in_flight: int = 64) -> TypedServicer:
+        """Register a `TypedServicer` for `model_name` on `server`."""
+        servicer = TypedServicer(self, dataplane, model_name, max_stream_in_flight=max_stream_in_flight)
+        getattr(self.pb_grpc, f"add_{self.service}Servicer_to_server")(servicer, server)
+        return servicer
 
 
-@dataclass
-class Split(Generic[Parsed]):
-    """A batch's items after parsing: the good ones (with their positions) and the errors by position."""
+class TypedServicer:
+    """Predict / PredictBatch / StreamPredict of a `TypedApi`: messages <-> tensors, the rest is the data plane."""
 
-    indices: list[int] = field(default_factory=list)
-    values: list[Parsed] = field(default_factory=list)
-    errors: dict[int, ServingError] = field(default_factory=dict)
+    def __init__(self, api: TypedApi, dataplane: DataPlane, model_name: str, *,
+                 max_stream_in_flight: int = 64) -> None:
+        self.api = api
+        self.dataplane = dataplane
+        self.model_name = model_name
+        self.max_stream_in_flight = max_stream_in_flight
+        self._result = getattr(api.pb, api.result)
 
+    # -- items -> answers -------------------------------------------------------------
 
-def split_valid(items: Sequence[Item], parse: Callable[[int, Item], Parsed]) -> Split[Parsed]:
-    """Parse every item; a ServingError from `parse` is kept for that item instead of failing the batch."""
-    out: Split[Parsed] = Split()
-    for i, item in enumerate(items):
-        try:
-            value = parse(i, item)
-        except ServingError as err:
-            out.errors[i] = err
-            continue
-        out.indices.append(i)
-        out.values.append(value)
-    return out
+    async def _parse(self, model: Model, items: Sequence[Message], fields: Sequence[str]
+                     ) -> list[Tensors | ServingError]:
+        def parse_all() -> list[Tensors | ServingError]:
+            out: list[Tensors | ServingError] = []
+            for item, field in zip(items, fields, strict=True):
+                try:
+                    out.append(self.api.parse(model, item, field))
+                except ServingError as err:
+                    out.append(err)
+            return out
 
+        off_loop = self.api.parse_off_loop
+        return await asyncio.to_thread(parse_all) if off_loop and off_loop(items) else parse_all()
 
-async def batch_results(
-    parsed: Split[Parsed],
-    n: int,
-    predict: Callable[[list[int], list[Parsed]], Awaitable[Sequence[Answer]]],
-    ok: Callable[[Answer], Resp],
-    on_error: Callable[[int, ServingError], Resp],
-) -> list[Resp]:
-    """One response per item of an n-item batch, in order: `ok(answer)` for each parsed item (predicted
-    together in one `predict(indices, values)` call), `on_error(index, err)` for each item that failed to parse."""
-    results: list[Resp | None] = [None] * n
-    for i, err in parsed.errors.items():
-        results[i] = on_error(i, err)
-    if parsed.indices:
-        answers = await predict(parsed.indices, parsed.values)
-        for i, answer in zip(parsed.indices, answers, strict=True):
-            results[i] = ok(answer)
-    missing = [i for i, r in enumerate(results) if r is None]
-    if missing:
-        raise ValueError(f"items {missing} got no answer (split of {n} items does not cover them)")
-    return results  # type: ignore[return-value]
+    async def _answers(self, request: Message, items: Sequence[Message], fields: Sequence[str],
+                       batch: bool, context: Context) -> list[Message | ServingError]:
+        api = self.api
+        model = self.dataplane.model(self.model_name)
+        options = api.options(model, request)
+        answers = await self.dataplane.infer_rows(
+            self.model_name, request.model_version, items, fields, self._parse,
+            batch_field=api.batch_field if batch else None, problem_format=api.problem_format,
+            timeout_s=context.time_remaining())
+        return [a if isinstance(a, ServingError) else api.wrap(model, item, a, options)
+                for item, a in zip(items, answers, strict=True)]
+
+    async def _predict_one(self, request: Message, context: Context) -> Message:
+        field = self.api.item_field
+        item = getattr(request, field) if field else request
+        [answer] = await self._answers(request, [item], [field or ""], False, context)
+        if isinstance(answer, ServingError):
+            raise answer
+        return answer
+
+    def _error(self, index: int, err: ServingError) -> Message:
+        return self._result(error=self.api.pb.ItemError(index=index, code=err.code.name, message=err.message))
+
+    # -- RPCs -------------------------------------------------------------------------
+
+    @abort_on_serving_error
+    async def Predict(self, request: Message, context: Context) -> Message:
+        answer = await self._predict_one(request, context)
+        return self.api.pb.PredictResponse(**{self.api.answer_field: answer})
+
+    @abort_on_serving_error
+    async def PredictBatch(self, request: Message, context: Context) -> Message:
+        api = self.api
+        items = getattr(request, api.batch_field)
+        fields = [f"{api.batch_field}[{i}]" for i in range(len(items))]
+        answers = await self._answers(request, items, fields, True, context)
+        results = [self._error(i, a) if isinstance(a, ServingError) else self._result(**{api.answer_field: a})
+                   for i, a in enumerate(answers)]
+        model = self.dataplane.model(self.model_name)
+        return api.pb.PredictBatchResponse(results=results, model_name=model.name, model_version=model.version)
+
+    async def StreamPredict(self, requests: AsyncIterator[Message], context: Context
+                            ) -> AsyncIterator[Message]:
+        async def handle(request: Message) -> Message:
+            return self._result(**{self.api.answer_field: await self._predict_one(request, context)})
+
+        async for result in stream_results(requests, handle, self._error, max_in_flight=self.max_stream_in_flight):
+            yield result
 
 
 async def stream_results(

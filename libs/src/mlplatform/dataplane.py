@@ -1,0 +1,202 @@
+"""The one request-handling layer that every transport calls: typed servicers, the Open Inference
+Protocol servicer and bidi streams alike.
+
+A transport turns its messages into tensors and hands them here; the data plane resolves the
+model and version, checks the inputs (names, datatypes, shapes, batch limits, the model's own
+row checks) and runs them through the model's `Predictor` (cache, breaker, batcher, fallback).
+Two entry points, one rule set:
+
+- `infer`: one request of N rows checked as a whole (OIP): a bad row fails the request.
+- `infer_rows`: N independently parsed items (typed batches, streams): a bad item gets its own
+  error, naming its field, and never harms the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlplatform.errors import InvalidInputError, NotFoundError, ServingError
+from mlplatform.interceptors import set_request_model
+from mlplatform.model import Model, Tensors
+from mlplatform.pipeline import Prediction, Predictor
+from mlplatform.tensors import TensorSpec, shape_str
+
+Item = Any
+ParseFn = Callable[[Model, Sequence[Item], Sequence[str]], Awaitable[list[Tensors | ServingError]]]
+"""Items of a request -> per item, its tensors (no batch dimension) or the error parsing it raised."""
+
+SERVED_ALIASES = ("", "0")
+"""Requested versions that mean "the served one"."""
+
+
+@dataclass(frozen=True)
+class RowAnswer:
+    """One item's outputs (batch dimension removed) and where they came from."""
+
+    outputs: Mapping[str, np.ndarray]
+    cached: bool
+    fallback: bool
+
+
+def check_version(model: Model, requested: str, field: str | None = None) -> None:
+    """NOT_FOUND unless `requested` is empty, "0" or the served version; `field` names where it came from."""
+    if requested in SERVED_ALIASES or requested == model.version:
+        return
+    what = f"{field}: {model.name}" if field else f"model {model.name!r}"
+    raise NotFoundError(f"{what} has no version {requested!r} served; served version: {model.version}")
+
+
+def check_rows(n: int, limit: int, field: str | None = None) -> None:
+    """INVALID_ARGUMENT for an empty batch or one over `limit`; typed items when `field` is given, else rows."""
+    if field is not None:
+        if n == 0:
+            raise InvalidInputError(f"{field}: empty batch, at least one item is required")
+        if n > limit:
+            raise InvalidInputError(f"{field}: {n} items, at most {limit} per batch")
+        return
+    if n == 0:
+        raise InvalidInputError("empty batch: at least one row is required")
+    if n > limit:
+        raise InvalidInputError(f"batch of {n} rows is over the limit of {limit}")
+
+
+def row_shape_problem(spec: TensorSpec, row: np.ndarray) -> str | None:
+    """Why one item's tensor (no batch dimension) does not fit `spec`, naming the tensor; None if it fits."""
+    if row.dtype != spec.numpy_dtype:
+        return f"{spec.name}: datatype must be {spec.datatype}"
+    dims = spec.shape[1:]
+    if len(row.shape) == len(dims) and all(d < 0 or d == a for d, a in zip(dims, row.shape, strict=True)):
+        return None
+    if len(dims) == 1 and dims[0] >= 0:
+        got = row.shape[0] if row.ndim else 0
+        return f"{spec.name}: expected {dims[0]} values, got {got}"
+    return f"{spec.name}: shape {list(row.shape)} does not match {shape_str(dims)}"
+
+
+class DataPlane:
+    """Models of this process by name, each behind its `Predictor`."""
+
+    def __init__(self, predictors: Mapping[str, Predictor]) -> None:
+        self._predictors = dict(predictors)
+
+    @property
+    def names(self) -> list[str]:
+        """Served model names, sorted."""
+        return sorted(self._predictors)
+
+    def models(self) -> list[Model]:
+        """Every served model."""
+        return [p.model for p in self._predictors.values()]
+
+    def ready(self) -> bool:
+        """Every model is loaded and warmed up."""
+        return all(p.model.ready for p in self._predictors.values())
+
+    def predictor(self, name: str, version: str = "", field: str | None = None) -> Predictor:
+        """The predictor of `name` at `version` (see `check_version`), or NOT_FOUND."""
+        predictor = self._predictors.get(name)
+        if predictor is None:
+            raise NotFoundError(f"unknown model {name!r}; served: {self.names}")
+        check_version(predictor.model, version, field)
+        set_request_model(predictor.model.name, predictor.model.version)
+        return predictor
+
+    def model(self, name: str, version: str = "") -> Model:
+        """The served model `name` at `version`, or NOT_FOUND."""
+        return self.predictor(name, version).model
+
+    async def infer(self, name: str, version: str, inputs: Tensors, *, outputs: Sequence[str] = (),
+                    timeout_s: float | None = None) -> Prediction:
+        """Check a whole request (tensor names, datatypes, shapes, limits, every row) and predict it.
+
+        `outputs` are the outputs asked for (empty: all); an unknown one is INVALID_ARGUMENT.
+        """
+        predictor = self.predictor(name, version)
+        model = predictor.model
+        model.check_inputs(inputs)
+        problems = [(i, p) for i, p in enumerate(model.validate_rows(inputs)) if p]
+        if problems:
+            shown = "; ".join(f"row {i}: {p}" for i, p in problems[:5])
+            more = f" (and {len(problems) - 5} more rows)" if len(problems) > 5 else ""
+            raise InvalidInputError(f"invalid input: {shown}{more}")
+        known = {s.name for s in model.outputs}
+        unknown = [o for o in outputs if o not in known]
+        if unknown:
+            raise InvalidInputError(f"unknown requested output(s) {unknown}; model outputs: {sorted(known)}")
+        return await predictor.predict(inputs, timeout_s=timeout_s)
+
+    async def infer_rows(
+        self,
+        name: str,
+        version: str,
+        items: Sequence[Item],
+        fields: Sequence[str],
+        parse: ParseFn,
+        *,
+        batch_field: str | None = None,
+        problem_format: str = "{field}.{problem}",
+        version_field: str = "model_version",
+        timeout_s: float | None = None,
+    ) -> list[RowAnswer | ServingError]:
+        """Predict independently parsed items together; one answer or error per item, in order.
+
+        Order of checks: version, batch size (`batch_field` names the repeated field; None: a
+        single item, not checked), then `parse(model, items, fields)`, which turns item i into
+        its tensors without the batch dimension or the ServingError its parsing raised, then
+        each item's tensors against the model's inputs and the model's row checks.
+        `fields[i]` says where item i lives in the request (e.g. `transactions[3]`); a shape or
+        row problem reads `problem_format.format(field=..., problem=...)` (the bare problem
+        when the field is empty).
+        """
+        predictor = self.predictor(name, version, version_field)
+        model = predictor.model
+        if batch_field is not None:
+            check_rows(len(items), model.max_batch_size, batch_field)
+        rows = await parse(model, items, fields)
+        answers: list[RowAnswer | ServingError | None] = [None] * len(rows)
+        good: list[int] = []
+        for i, row in enumerate(rows):
+            if isinstance(row, ServingError):
+                answers[i] = row
+                continue
+            problem = _row_problem(model.inputs, row)
+            if problem:
+                answers[i] = InvalidInputError(_located(problem_format, fields[i], problem))
+            else:
+                good.append(i)
+        if good:
+            inputs: Tensors = {s.name: np.stack([rows[i][s.name] for i in good])  # type: ignore[index]
+                               for s in model.inputs}
+            problems = model.validate_rows(inputs)
+            if any(problems):
+                keep = [j for j, p in enumerate(problems) if not p]
+                for j, p in enumerate(problems):
+                    if p:
+                        answers[good[j]] = InvalidInputError(_located(problem_format, fields[good[j]], p))
+                good = [good[j] for j in keep]
+                inputs = {k: v[keep] for k, v in inputs.items()} if keep else {}
+            if good:
+                prediction = await predictor.predict(inputs, timeout_s=timeout_s)
+                for j, i in enumerate(good):
+                    answers[i] = RowAnswer({k: v[j] for k, v in prediction.outputs.items()},
+                                           bool(prediction.cached[j]), bool(prediction.fallback[j]))
+        return answers  # type: ignore[return-value]
+
+
+def _row_problem(specs: Sequence[TensorSpec], row: Tensors) -> str | None:
+    names = {s.name for s in specs}
+    if row.keys() != names:
+        return f"tensors {sorted(row)} do not match the model's inputs {sorted(names)}"
+    for spec in specs:
+        problem = row_shape_problem(spec, row[spec.name])
+        if problem:
+            return problem
+    return None
+
+
+def _located(problem_format: str, field: str, problem: str) -> str:
+    return problem_format.format(field=field, problem=problem) if field else problem
