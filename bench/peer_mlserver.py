@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlplatform.launch import ServiceProcess, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -201,8 +203,6 @@ class MLServerProcess:
     """MLServer (`bench/mlserver_launch.py`) on free loopback ports, serving `model.ubj`."""
 
     def __init__(self, version_dir: Path, settings: MLServerSettings) -> None:
-        from tests.support.procs import free_port
-
         self.settings = settings
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-mlserver-"))
@@ -308,8 +308,6 @@ def tune(version_dir: Path, input_file: Path, window_ms: int, rounds: int) -> li
 def run(out_dir: Path, *, quick: bool = False, tune_first: bool = False,
         model_repository: Path = ROOT / "model_repository") -> dict[str, Any]:
     """The whole scenario; writes peer.json, peer.md and peer.png into `out_dir` and returns the report."""
-    from tests.support.procs import ServiceProcess
-
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_deps()
     version_dir = model_repository / MODEL / "1"

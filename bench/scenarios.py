@@ -36,6 +36,7 @@ from bench.stack import (
     service,
     tokens,
 )
+from mlplatform.launch import RedisServer
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -426,8 +427,6 @@ def spike(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
 
 def cache(out: Path, repository: Path, cfg: Config) -> dict[str, Any]:
     """Fraud alone, gRPC direct, `repeat_fraction` of transactions repeated: Redis vs in-process vs no cache."""
-    from tests.support.procs import RedisServer
-
     results = {}
     for mode in cfg.cache_modes:
         redis = RedisServer().start() if mode == "redis" else None

@@ -1,7 +1,7 @@
 """The platform under test, started with the project's own machinery on free loopback ports, and the
 probes the scenarios read while load runs: the services' Prometheus metrics and per-process CPU.
 
-`Stack` = Redis + the three services (tests.support.procs.ServiceProcess, the same modules
+`Stack` = Redis + the three services (mlplatform.launch.ServiceProcess, the same modules
 `make run` starts) + the real Envoy gateway (GatewayProcess, local variant, rendered like
 `make run`). `Sampler` polls queue depth, batch sizes, rejections, cache lookups and CPU in a
 background thread, so a timeline (the spike) and the limiting process can be shown.
@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from mlplatform_gateway.local import GatewayProcess
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.support.procs import GatewayProcess, RedisServer, ServiceProcess  # noqa: E402
+from mlplatform.launch import RedisServer, ServiceProcess
 
 MODELS = ("fraud", "cnn", "sentiment")
 MODULES = {"fraud": ("fraud_service", "FRAUD_"), "cnn": ("cnn_service", "CNN_"),

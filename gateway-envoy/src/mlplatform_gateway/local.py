@@ -1,11 +1,17 @@
 """Run the gateway as a local process: its files directory, the local render, Envoy's command line,
-and readiness read from the admin interface. Shared by `make run`, the tests and the benchmarks."""
+readiness read from the admin interface, and `GatewayProcess` (all of it on free ports). Shared by
+`make run`, the tests and the benchmarks."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import tempfile
+import time
 import urllib.request
 from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +62,94 @@ def healthy_hosts(admin_port: int, clusters: Collection[str] | None = None) -> i
 def is_live(admin_port: int) -> bool:
     """Envoy has finished initialising and its listeners accept connections."""
     return admin_get(admin_port, "/ready").strip() == "LIVE"
+
+
+def _free_port() -> int:
+    # mlplatform-libs is not installed in the gateway image, which imports this module (`ready`).
+    from mlplatform.launch import free_port
+
+    return free_port()
+
+
+@dataclass
+class GatewayProcess:
+    """The real Envoy gateway (local variant) on free ports in front of the given upstream endpoints.
+
+    `endpoints` maps a service name (services.yaml) to its `host:port` replicas. The JWKS and
+    the descriptor set are copied into a private directory; the JSON access log goes there too.
+    """
+
+    endpoints: dict[str, list[str]]
+    jwks_path: Path
+    overrides: dict = field(default_factory=dict)
+    port: int = field(default_factory=_free_port)
+    admin_port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen | None = None
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gateway-")))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.workdir / "access.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "envoy.yaml"
+
+    def render(self) -> str:
+        prepare_files_dir(self.workdir, self.jwks_path)
+        return render_local(self.workdir, self.port, self.admin_port, self.endpoints,
+                            self.access_log_path, self.overrides)
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self.config_path.write_text(self.render())
+        log = (self.workdir / "envoy.log").open("w")
+        self.proc = subprocess.Popen(envoy_command(self.config_path, log_flush_ms=200),
+                                     stdout=log, stderr=subprocess.STDOUT)
+        for cluster, hosts in self.endpoints.items():
+            self.wait_healthy(len(hosts), timeout, cluster=cluster)
+        return self
+
+    def admin(self, path: str) -> str:
+        return admin_get(self.admin_port, path)
+
+    def healthy_hosts(self, cluster: str | None = None) -> int:
+        # The module-level healthy_hosts (a method name does not shadow a global inside the class).
+        return healthy_hosts(self.admin_port, None if cluster is None else {cluster})
+
+    def wait_healthy(self, hosts: int, timeout: float = 30.0, cluster: str | None = None) -> None:
+        """Until Envoy is LIVE and exactly `hosts` upstream hosts pass their health checks."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if is_live(self.admin_port) and self.healthy_hosts(cluster) == hosts:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"gateway: {hosts} healthy hosts not reached after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        path = self.workdir / "envoy.log"
+        return path.read_text() if path.exists() else ""
+
+    def access_log(self) -> list[dict]:
+        """The JSON access log lines written so far."""
+        if not self.access_log_path.exists():
+            return []
+        return [json.loads(line) for line in self.access_log_path.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None

@@ -38,13 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlplatform_gateway.local import GatewayProcess
 
-ROOT = Path(__file__).resolve().parents[1]
+from mlplatform.launch import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, percentiles  # noqa: E402
 from bench.stack import owned_processes  # noqa: E402
-from tests.support.procs import GatewayProcess, ServiceProcess  # noqa: E402
 
 MODES = ("grpc_direct", "grpc_gateway", "rest_gateway")
 REST_PATH = "/api/v1/fraud"

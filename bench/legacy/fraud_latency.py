@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from mlplatform.launch import RedisServer, ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, percentiles  # noqa: E402
-from tests.support.procs import RedisServer, ServiceProcess  # noqa: E402
 
 
 def concurrent_run(args: argparse.Namespace, x: np.ndarray, delay_ms: float, concurrency: int, calls: int

@@ -4,7 +4,7 @@ Needs only torch, tokenizers and numpy (not the project's packages): it puts lib
 services/sentiment/src on sys.path. Copy a built version directory (model_repository/sentiment/1)
 to the GPU machine with the repository and run:
 
-    python bench/sentiment_gpu_check.py --version-dir model_repository/sentiment/1 [--out results.json]
+    python bench/legacy/sentiment_gpu_check.py --version-dir model_repository/sentiment/1 [--out results.json]
 
 Reports the device and precision the runtime chose (FP16 on CUDA when a GPU exists, FP32 on
 CPU), the largest |p_fp16_cuda - p_fp32_cpu| over held-out texts and the label agreement, and the
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "libs" / "src"), str(ROOT / "services" / "sentiment" / "src"), str(ROOT / "bench")]
 
 import numpy as np  # noqa: E402

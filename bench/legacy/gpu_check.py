@@ -1,6 +1,6 @@
 """Which execution providers the cnn model gets on this machine, and its latency per batch size.
 
-    python bench/gpu_check.py [--model-repository model_repository] [--providers A,B,...] [--repeats 200]
+    python bench/legacy/gpu_check.py [--model-repository model_repository] [--providers A,B,...] [--repeats 200]
 
 Loads the served cnn version exactly as the service does (`CnnModel`: the config's provider preference,
 TensorRT FP16 options with the engine cache under the version directory and the optimisation profile
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, percentiles  # noqa: E402

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from mlplatform.launch import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, percentiles  # noqa: E402
-from tests.support.procs import ServiceProcess  # noqa: E402
 
 SUBJECTS = ["The hotel", "This blender", "The new update", "Our waiter", "The sequel", "The help desk",
             "The backpack", "This cafe"]
@@ -196,7 +197,7 @@ def main() -> int:
     lines = [
         "# Sentiment benchmark", "",
         f"Machine: {m['cpus']} CPUs, {m['cpu_model']}; python {m['python']}. "
-        f"Command: `python bench/sentiment_latency.py` (`make bench`).", "",
+        f"Command: `python bench/legacy/sentiment_latency.py` (`make bench-models`).", "",
         "## Runtimes in-process (held-out accuracy; median ms per infer call, tokenisation included)", "",
         "| runtime | accuracy | short b1 | long b1 | short b32 | long b32 |", "|---|---|---|---|---|---|",
     ]
