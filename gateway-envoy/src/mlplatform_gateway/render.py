@@ -21,6 +21,8 @@ import jinja2
 import yaml
 
 VARIANTS = ("local", "compose", "k8s")
+SERVICES_FILE = Path(__file__).with_name("services.yaml")
+"""The upstream services, generated from deploy/services.yaml (the one list) by deploy/generate.py."""
 
 
 class GatewayConfigError(ValueError):

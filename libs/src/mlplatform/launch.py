@@ -1,5 +1,4 @@
-"""Start and stop real processes on loopback ports: Redis, a model service; used by the tests and the benchmarks.
-the benchmarks and make run."""
+"""Start and stop real processes on loopback ports (Redis, a model service), for the tests and the benchmarks."""
 
 from __future__ import annotations
 

@@ -51,10 +51,16 @@ class ServiceSpec:
     """Model served unless settings say otherwise (empty: the settings' `model_names` list them)."""
     model_factory: ModelFactory
     """Builds the (unloaded) model for a resolved version."""
+    settings_cls: type[ServiceSettings] = ServiceSettings
+    """The service's settings (its env prefix and default ports)."""
     typed_api: TypedApi | None = None
     """The typed API served beside the Open Inference Protocol (None: OIP only)."""
     extra_services: tuple[str, ...] = field(default=())
     """Other fully-qualified gRPC services this server answers (health and reflection)."""
+
+    def main(self) -> int:
+        """Entry point of `python -m <service>`: settings, logging, serve until SIGTERM/SIGINT."""
+        return main(self, self.settings_cls)
 
     @property
     def grpc_service_names(self) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ service at start-up with a message naming it.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Self, TypeVar
 
@@ -109,6 +110,7 @@ def service_settings(env_prefix: str, default_grpc_port: int, default_metrics_po
         """Model served."""
 
     Settings.__name__ = Settings.__qualname__ = f"{env_prefix.strip('_').title()}Settings"
+    Settings.__module__ = sys._getframe(1).f_globals["__name__"]  # the service's settings module (healthcheck)
     return Settings
 
 

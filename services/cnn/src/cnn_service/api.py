@@ -13,6 +13,7 @@ from cnn.v1 import cnn_pb2_grpc as pb_grpc
 
 from cnn_service.images import decode_image, pixels_from_tensor
 from cnn_service.model import INPUT, PROBABILITIES, CnnModel
+from cnn_service.settings import CnnSettings
 from mlplatform.dataplane import RowAnswer
 from mlplatform.errors import InvalidInputError
 from mlplatform.model import Tensors
@@ -69,4 +70,5 @@ API = TypedApi(pb=pb, pb_grpc=pb_grpc, service="CnnService", answer_field="class
                result="ClassificationResult", batch_field="inputs", item_field=None, parse=parse, wrap=wrap,
                options=top_k, parse_off_loop=large_images)
 
-SPEC = ServiceSpec(name="cnn", default_model="cnn", model_factory=CnnModel, typed_api=API)
+SPEC = ServiceSpec(name="cnn", default_model="cnn", model_factory=CnnModel, settings_cls=CnnSettings,
+                   typed_api=API)

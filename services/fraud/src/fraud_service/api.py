@@ -9,6 +9,7 @@ from fraud.v1 import fraud_pb2 as pb
 from fraud.v1 import fraud_pb2_grpc as pb_grpc
 
 from fraud_service.model import INPUT, PROBABILITIES, FraudModel
+from fraud_service.settings import FraudSettings
 from mlplatform.dataplane import RowAnswer
 from mlplatform.model import Tensors
 from mlplatform.server import ServiceSpec
@@ -33,4 +34,5 @@ def wrap(model: FraudModel, tx: pb.Transaction, answer: RowAnswer, options: Any)
 API = TypedApi(pb=pb, pb_grpc=pb_grpc, service="FraudService", answer_field="prediction", result="FraudResult",
                batch_field="transactions", item_field="transaction", parse=parse, wrap=wrap)
 
-SPEC = ServiceSpec(name="fraud", default_model="fraud", model_factory=FraudModel, typed_api=API)
+SPEC = ServiceSpec(name="fraud", default_model="fraud", model_factory=FraudModel, settings_cls=FraudSettings,
+                   typed_api=API)

@@ -45,4 +45,5 @@ API = TypedApi(pb=pb, pb_grpc=pb_grpc, service="SentimentService", answer_field=
                result="SentimentResult", batch_field="texts", item_field="text", parse=parse, wrap=wrap,
                problem_format="{field}: {problem}")
 
-SPEC = ServiceSpec(name="sentiment", default_model="sentiment", model_factory=load, typed_api=API)
+SPEC = ServiceSpec(name="sentiment", default_model="sentiment", model_factory=load, settings_cls=SentimentSettings,
+                   typed_api=API)
