@@ -22,14 +22,10 @@ MODEL_REPOSITORY = Path(os.environ.get("TEST_MODEL_REPOSITORY", ROOT / "model_re
 
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
-    """The project's model repository, built (deterministically) if missing."""
-    from cnn_service.build_model import build as build_cnn
-    from fraud_service.build_model import build
-    from sentiment_service.build_model import build as build_sentiment
+    """The project's model repository: every model of deploy/services.yaml, built (deterministically) if missing."""
+    from deploy import catalog
 
-    build(MODEL_REPOSITORY, version=1)
-    build_cnn(MODEL_REPOSITORY, version=1)
-    build_sentiment(MODEL_REPOSITORY, version=1)
+    catalog.build_all(MODEL_REPOSITORY)
     return MODEL_REPOSITORY
 
 

@@ -19,17 +19,21 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import run_local
 
 
-def test_the_three_services_with_the_shared_conventions(services):
+def test_the_services_with_the_shared_conventions(services):
     assert {n: (s["env_prefix"], s["grpc_port"], s["metrics_port"]) for n, s in services.items()} == {
-        "fraud": ("FRAUD_", 50051, 9101), "cnn": ("CNN_", 50052, 9102), "sentiment": ("SENTIMENT_", 50053, 9103)}
+        "fraud": ("FRAUD_", 50051, 9101), "cnn": ("CNN_", 50052, 9102), "sentiment": ("SENTIMENT_", 50053, 9103),
+        "generic": ("GENERIC_", 50054, 9104)}
     assert {n for n, s in services.items() if s["gpu"]} == {"cnn", "sentiment"}
     assert {n for n, s in services.items() if s["redis"]} == {"fraud"}
     for name, svc in services.items():
         assert svc["module"] == f"{name}_service"
-        assert svc["grpc_service"].startswith(f"{name}.v1.")
+        typed = svc["grpc_service"].startswith(f"{name}.v1.")
+        assert typed == ("build" in svc), f"{name}: a typed service builds its model, the generic one lists models"
+    assert services["generic"]["grpc_service"] == "inference.GRPCInferenceService"
+    assert services["generic"]["models"] == ["diabetes"]
 
 
-@pytest.mark.parametrize("name", ["fraud", "cnn", "sentiment"])
+@pytest.mark.parametrize("name", ["fraud", "cnn", "sentiment", "generic"])
 def test_every_service_has_its_source(services, name):
     svc = services[name]
     package = ROOT / "services" / name / "src" / svc["module"]
@@ -43,7 +47,7 @@ def test_local_run_uses_the_same_modules_prefixes_and_ports(services):
     for svc in run_local.SERVICES:
         assert svc.name in services, f"run_local starts {svc.name}, which deploy/services.yaml does not list"
         expected = services[svc.name]
-        assert (svc.module, svc.prefix, svc.grpc_port, svc.metrics_port) == (
+        assert (svc.module, svc.env_prefix, svc.grpc_port, svc.metrics_port) == (
             expected["module"], expected["env_prefix"], expected["grpc_port"], expected["metrics_port"])
 
 

@@ -17,8 +17,9 @@ from tests.support.procs import ROOT, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
 
-# The cnn service's ports (free ones; replica 1 adds 100).
-CNN_PORTS = {"CNN_GRPC_PORT": str(free_port()), "CNN_METRICS_PORT": str(free_port())}
+# The cnn and generic services' ports (free ones; replica 1 adds 100).
+CNN_PORTS = {"CNN_GRPC_PORT": str(free_port()), "CNN_METRICS_PORT": str(free_port()),
+             "GENERIC_GRPC_PORT": str(free_port()), "GENERIC_METRICS_PORT": str(free_port())}
 
 
 def curl_token(text: str) -> str:
@@ -90,6 +91,21 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
                                 text=True, timeout=30)
         prediction = json.loads(answer.stdout)["prediction"]
         assert prediction["label"] == "positive" and prediction["model_name"] == "sentiment"
+        # The fourth model, config-only (the generic service): the printed curl through the gateway
+        # answers what ONNX Runtime answers for the sample row, in typed JSON contents.
+        assert f"generic: SERVING on 127.0.0.1:{CNN_PORTS['GENERIC_GRPC_PORT']}" in text
+        diabetes_curl = re.search(r"  (curl -s \S+/api/v1/diabetes .*?\}\]\}')\n", text, re.S)
+        assert diabetes_curl, text
+        answer = subprocess.run(["bash", "-c", f"{curl.group(1)}\n{diabetes_curl.group(1)}"], capture_output=True,
+                                text=True, timeout=30)
+        body = json.loads(answer.stdout)
+        assert body["model_name"] == "diabetes" and body["outputs"][0]["name"] == "progression"
+        import onnxruntime as ort
+
+        row = json.loads((model_repository / "diabetes" / "1" / "sample.json").read_text())["rows"][0]["features"]
+        session = ort.InferenceSession(str(model_repository / "diabetes" / "1" / "model.onnx"))
+        expected = session.run(None, {"features": np.asarray([row], np.float32)})[0][0, 0]
+        assert body["outputs"][0]["contents"]["fp32_contents"][0] == pytest.approx(float(expected), rel=1e-5)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest
@@ -121,5 +137,6 @@ def test_run_local_puts_replicas_behind_the_gateway(model_repository):
     cnn_grpc, cnn_metrics = int(CNN_PORTS["CNN_GRPC_PORT"]), int(CNN_PORTS["CNN_METRICS_PORT"])
     assert f"cnn[1]: SERVING on 127.0.0.1:{cnn_grpc + 100} (metrics :{cnn_metrics + 100})" in out
     assert "sentiment[1]: SERVING on" in out
-    assert "6/6 upstream hosts healthy" in out, out  # 3 services x 2 replicas
+    assert "generic[1]: SERVING on" in out
+    assert "8/8 upstream hosts healthy" in out, out  # 4 services x 2 replicas
     assert "stopped." in out
