@@ -5,9 +5,9 @@
 Predicts disease progression one year after baseline (a score, 25-346 in the data) from ten
 baseline measurements of a patient, on the diabetes data set that ships with scikit-learn
 (442 patients, Efron et al. 2004; in raw units, not the centred variant). Steps: split 80/20,
-fit StandardScaler + RidgeCV (a linear model: on this
-data it matches gradient-boosted trees, and float32 ONNX reproduces it exactly), evaluate on the held-out 20 % (MAE, R², against
-the mean predictor), export to ONNX, check ONNX Runtime against scikit-learn on every row, and
+fit StandardScaler + RidgeCV (a linear model: on this data it matches gradient-boosted trees,
+and float32 ONNX reproduces it exactly), evaluate on the held-out 20 % (MAE, R², against the
+mean predictor), export to ONNX, check ONNX Runtime against scikit-learn on every row, and
 write `model.onnx`, `config.json` and `sample.json` into `<repository>/diabetes/<version>/`.
 The config declares each input column's valid range (the data's range widened by a margin),
 which the generic service enforces. Same seed, same bytes (but `built_at`).

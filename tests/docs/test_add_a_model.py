@@ -12,13 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support.procs import ROOT, free_port
+from tests.support.procs import ROOT, free_port, read_until_ready
 
 pytestmark = pytest.mark.integration
 
@@ -78,18 +77,8 @@ def test_the_runbook_adds_a_config_only_model_that_answers_through_the_gateway(m
     proc = subprocess.Popen([sys.executable, "scripts/run_local.py", "--model-repository", "model_repository",
                              "--redis-port", str(free_port())], cwd=repo, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    output: list[str] = []
     try:
-        deadline = time.monotonic() + 240
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        printed = "".join(output)
+        printed = read_until_ready(proc, 240)
         assert "The platform is up" in printed, printed
         assert "/api/v1/iris" in printed  # make run says how to call it
         token = re.search(r"  TOKEN=(\S+)\n", printed).group(1)

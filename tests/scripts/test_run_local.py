@@ -8,12 +8,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from tests.support.procs import ROOT, free_port, wait_for_port
+from tests.support.procs import ROOT, free_port, read_until_ready, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -42,18 +41,8 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
          "--redis-port", str(redis_port)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    output = []
     try:
-        deadline = time.monotonic() + 180
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        text = "".join(output)
+        text = read_until_ready(proc, 180)
         assert "The platform is up" in text, text
         assert f"redis: started on 127.0.0.1:{redis_port}" in text
         assert f"fraud: SERVING on 127.0.0.1:{grpc_port}" in text
