@@ -60,6 +60,18 @@ def cnn_service(model_repository: Path) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture(scope="session")
+def generic_service(model_repository: Path) -> Iterator[ServiceProcess]:
+    """The generic model service with the config-only models of deploy/services.yaml."""
+    from deploy import catalog
+
+    models = ",".join(m for m, svc in catalog.models().items() if svc.config_only)
+    svc = ServiceProcess("generic_service", "GENERIC_", env={
+        "GENERIC_MODEL_REPOSITORY": str(model_repository), "GENERIC_MODELS": models}).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
 def fraud_rows() -> tuple[np.ndarray, np.ndarray]:
     """Fresh rows from the same generator as the training data (another seed), with labels."""
     from fraud_service.build_model import generate_dataset

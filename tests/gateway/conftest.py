@@ -43,10 +43,10 @@ def token(signing_key: auth.SigningKey) -> Callable[..., str]:
 
 @pytest.fixture(scope="session")
 def gateway(fraud_service: ServiceProcess, cnn_service: ServiceProcess, sentiment_service: ServiceProcess,
-            signing_key: auth.SigningKey) -> Iterator[GatewayProcess]:
+            generic_service: ServiceProcess, signing_key: auth.SigningKey) -> Iterator[GatewayProcess]:
     """Envoy with the local variant's settings in front of the shared services."""
     gw = GatewayProcess({"fraud": [fraud_service.target], "cnn": [cnn_service.target],
-                         "sentiment": [sentiment_service.target]},
+                         "sentiment": [sentiment_service.target], "generic": [generic_service.target]},
                         signing_key.jwks_path).start()
     yield gw
     gw.stop()

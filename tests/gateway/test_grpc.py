@@ -79,11 +79,18 @@ def test_bidi_stream_is_interactive_through_the_gateway(stub, token, fraud_featu
     assert received == [f"i{i}" for i in range(5)]
 
 
-def test_reflection_and_oip_are_not_exposed_through_the_gateway(stub, gateway_channel, token):
-    """Only the typed services are routed; internal surfaces stay on the services' own ports."""
-    unknown = gateway_channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
-    err = rpc_error(unknown, b"", metadata=bearer(token()), timeout=5)
+def test_reflection_is_not_exposed_and_oip_reaches_only_the_generic_service(stub, gateway_channel, token):
+    """The typed services and the generic service's OIP are routed; reflection and the typed services' own
+    OIP stay on the services' ports. (Raw bytes: the test process must not import the OIP stubs.)"""
+    reflection = gateway_channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    err = rpc_error(lambda *a, **k: list(reflection(iter([b""]), *a, **k)), metadata=bearer(token()), timeout=5)
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+    live = gateway_channel.unary_unary("/inference.GRPCInferenceService/ServerLive")
+    assert live(b"", metadata=bearer(token()), timeout=5) == b"\x08\x01"  # ServerLiveResponse(live=true)
+    infer = gateway_channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    err = rpc_error(infer, b"\x0a\x05fraud", metadata=bearer(token()), timeout=5)  # model_name="fraud"
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert err.details() == "unknown model 'fraud'; served: ['diabetes']"
 
 
 def test_long_streams_outlive_the_unary_timeout(fraud_service, signing_key, fraud_features):

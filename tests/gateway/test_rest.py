@@ -94,7 +94,10 @@ def test_unknown_path_or_verb_is_refused_by_the_gateway(gateway, token, method, 
     assert resp.status == 404, resp.body
     err = resp.json()
     assert err["code"] == 5
-    assert "Could not resolve" in err["message"] or "not found" in err["message"].lower()
+    if path == "/api/v1/nope":  # /api/v1/<model> is the config-only models' route: the generic service says
+        assert err["message"] == "unknown model 'nope'; served: ['diabetes']"
+    else:
+        assert "Could not resolve" in err["message"] or "not found" in err["message"].lower()
 
 
 def test_unknown_query_parameter_is_refused(gateway, token, fraud_features):

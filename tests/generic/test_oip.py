@@ -20,14 +20,6 @@ from tests.support.procs import ServiceProcess
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def generic_service(model_repository: Path) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess("generic_service", "GENERIC_", env={
-        "GENERIC_MODEL_REPOSITORY": str(model_repository), "GENERIC_MODELS": "diabetes"}).start()
-    yield svc
-    svc.stop()
-
-
 @pytest.fixture()
 def client(generic_service: ServiceProcess) -> Iterator[tc.InferenceServerClient]:
     c = tc.InferenceServerClient(generic_service.target)
