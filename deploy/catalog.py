@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,16 @@ class Service:
     models: tuple[str, ...]
     build: str | None = None
     """`python -m <build> --repository R` builds this typed service's model (None: config-only models)."""
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_entry(cls, name: str, s: dict[str, Any]) -> Service:
+        """The service of one `services.<name>` entry of deploy/services.yaml."""
+        return cls(
+            name=name, module=s["module"], env_prefix=s["env_prefix"], grpc_service=s["grpc_service"],
+            grpc_port=int(s["grpc_port"]), metrics_port=int(s["metrics_port"]),
+            streaming_methods=tuple(s.get("streaming_methods", ["StreamPredict"])),
+            models=tuple(s.get("models") or [name]), build=s.get("build"),
+        )
 
     @property
     def config_only(self) -> bool:
@@ -64,15 +73,7 @@ def load(path: Path = SERVICES_FILE) -> dict[str, Any]:
 
 def services(path: Path = SERVICES_FILE) -> list[Service]:
     """Every service of the list, in its order."""
-    out = []
-    for name, s in load(path)["services"].items():
-        out.append(Service(
-            name=name, module=s["module"], env_prefix=s["env_prefix"], grpc_service=s["grpc_service"],
-            grpc_port=int(s["grpc_port"]), metrics_port=int(s["metrics_port"]),
-            streaming_methods=tuple(s.get("streaming_methods", ["StreamPredict"])),
-            models=tuple(s.get("models") or [name]), build=s.get("build"), raw=s,
-        ))
-    return out
+    return [Service.from_entry(name, s) for name, s in load(path)["services"].items()]
 
 
 def models(path: Path = SERVICES_FILE) -> dict[str, Service]:

@@ -23,7 +23,7 @@ from mlplatform.errors import InvalidInputError, NotFoundError, ServingError
 from mlplatform.interceptors import set_request_model
 from mlplatform.model import Model, Tensors
 from mlplatform.pipeline import Prediction, Predictor
-from mlplatform.tensors import TensorSpec, shape_str
+from mlplatform.tensors import TensorSpec, shape_matches, shape_str
 
 Item = Any
 ParseFn = Callable[[Model, Sequence[Item], Sequence[str]], Awaitable[list[Tensors | ServingError]]]
@@ -69,7 +69,7 @@ def row_shape_problem(spec: TensorSpec, row: np.ndarray) -> str | None:
     if row.dtype != spec.numpy_dtype:
         return f"{spec.name}: datatype must be {spec.datatype}"
     dims = spec.shape[1:]
-    if len(row.shape) == len(dims) and all(d < 0 or d == a for d, a in zip(dims, row.shape, strict=True)):
+    if shape_matches(row.shape, dims):
         return None
     if len(dims) == 1 and dims[0] >= 0:
         got = row.shape[0] if row.ndim else 0
@@ -87,10 +87,6 @@ class DataPlane:
     def names(self) -> list[str]:
         """Served model names, sorted."""
         return sorted(self._predictors)
-
-    def models(self) -> list[Model]:
-        """Every served model."""
-        return [p.model for p in self._predictors.values()]
 
     def ready(self) -> bool:
         """Every model is loaded and warmed up."""
@@ -117,7 +113,7 @@ class DataPlane:
         """
         predictor = self.predictor(name, version)
         model = predictor.model
-        model.check_inputs(inputs)
+        check_rows(model.check_inputs(inputs), model.max_batch_size)
         problems = [(i, p) for i, p in enumerate(model.validate_rows(inputs)) if p]
         if problems:
             shown = "; ".join(f"row {i}: {p}" for i, p in problems[:5])

@@ -43,6 +43,11 @@ class InputLimits:
     def _label(self, column: int) -> str:
         return f"{self.name}[{column}] ({self.names[column]})" if self.names else f"{self.name}[{column}]"
 
+    def out_of_bounds(self, x: np.ndarray) -> np.ndarray:
+        """Per row of a batch: whether any element is outside the bounds (one vectorised pass)."""
+        flat = x.reshape(x.shape[0], -1).astype(np.float64)
+        return ((flat < self.lo) | (flat > self.hi)).any(axis=1)
+
     def problem(self, row: np.ndarray) -> str | None:
         """Why one row's values are out of bounds (the first bad element, by position), or None."""
         flat = row.reshape(-1).astype(np.float64)
@@ -57,46 +62,44 @@ class InputLimits:
 
 
 class ConfigChecks:
-    """Row checks a `config.json` declares (mixed into the generic models)."""
+    """Row checks a `config.json` declares (mixed into the generic models); a bad declaration stops
+    start-up, naming the field."""
 
     config: Any
     inputs: Any
 
-    def _limits(self) -> dict[str, InputLimits]:
-        cached = self.__dict__.get("_input_limits")
-        if cached is None:
-            declared = self.config.parameters.get("limits") or {}
-            specs = {s.name: s for s in self.inputs}
-            unknown = sorted(set(declared) - set(specs))
-            if unknown:
-                raise ValueError(f"parameters.limits names unknown inputs {unknown}")
-            cached = {name: InputLimits(name, spec, specs[name].shape[1] if len(specs[name].shape) == 2 else None)
-                      for name, spec in declared.items()}
-            self.__dict__["_input_limits"] = cached
-        return cached
+    def __init__(self, version: ModelVersion, *args: Any, **kwargs: Any) -> None:
+        super().__init__(version, *args, **kwargs)  # type: ignore[call-arg]
+        declared = self.config.parameters.get("limits") or {}
+        specs = {s.name: s for s in self.inputs}
+        unknown = sorted(set(declared) - set(specs))
+        if unknown:
+            raise ValueError(f"parameters.limits names unknown inputs {unknown}")
+        self.input_limits = {name: InputLimits(name, spec, specs[name].shape[1] if len(specs[name].shape) == 2
+                                               else None) for name, spec in declared.items()}
 
     def validate_rows(self, inputs: Mapping[str, np.ndarray]) -> list[str | None]:
         """Per row: the first non-finite float or out-of-bounds value, naming the input and column."""
         rows = next(iter(inputs.values())).shape[0]
         problems: list[str | None] = [None] * rows
-        limits = self._limits()
         for name, x in inputs.items():
             if x.dtype.kind == "f":
                 flat = x.reshape(rows, -1)
                 for i in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
                     j = int(np.argmax(~np.isfinite(flat[i])))
                     problems[i] = problems[i] or f"{name} element {j} is {flat[i, j]}, not a finite number"
-            if name in limits:
-                for i in range(rows):
-                    problems[i] = problems[i] or limits[name].problem(x[i])
+            limits = self.input_limits.get(name)
+            if limits is not None:
+                for i in np.flatnonzero(limits.out_of_bounds(x)):
+                    problems[i] = problems[i] or limits.problem(x[i])
         return problems
 
     def warmup_inputs(self, batch_size: int) -> Tensors:
         """Zeros, or each column's mid-range where the config bounds it (valid rows either way)."""
         out = Model.warmup_inputs(self, batch_size)  # type: ignore[arg-type]
-        for name, lim in self._limits().items():
-            lo, hi = np.nan_to_num(lim.lo, neginf=0.0), np.nan_to_num(lim.hi, posinf=0.0)
-            mid = np.clip(np.zeros_like(out[name], dtype=np.float64), lo, hi) if lo.ndim == 0 else (lo + hi) / 2
+        for name, lim in self.input_limits.items():
+            bounded = np.isfinite(lim.lo) & np.isfinite(lim.hi)
+            mid = np.where(bounded, (lim.lo + lim.hi) / 2, np.clip(0.0, lim.lo, lim.hi))
             out[name] = np.broadcast_to(mid, out[name].shape).astype(out[name].dtype)
         return out
 
@@ -112,10 +115,6 @@ class GenericRuntimeModel(ConfigChecks, RuntimeModel):
 def load(version: ModelVersion) -> Model:
     """The generic model for a version: ONNX Runtime for `onnxruntime_onnx` without variants, else RuntimeModel."""
     config = version.config
-    model: Model
     if config.platform == "onnxruntime_onnx" and not config.runtime.options.get("variants"):
-        model = GenericOnnxModel(version)
-    else:
-        model = GenericRuntimeModel(version)
-    model._limits()  # type: ignore[attr-defined]  # a bad limits declaration stops start-up, naming the field
-    return model
+        return GenericOnnxModel(version)
+    return GenericRuntimeModel(version)

@@ -22,7 +22,6 @@ from inference import model_config_pb2 as mc
 from mlplatform import __version__
 from mlplatform.dataplane import DataPlane
 from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
-from mlplatform.model import Model
 from mlplatform.streaming import ordered_concurrent
 from mlplatform.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
 
@@ -110,9 +109,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.dataplane = dataplane
         self.max_stream_in_flight = max_stream_in_flight
 
-    def _model(self, name: str, version: str) -> Model:
-        return self.dataplane.model(name, version)
-
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
@@ -121,7 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._model(request.name, request.version).ready)
+        return pb.ModelReadyResponse(ready=self.dataplane.model(request.name, request.version).ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -130,7 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
-        model = self._model(request.name, request.version)
+        model = self.dataplane.model(request.name, request.version)
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -142,7 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        model = self._model(request.name, request.version)
+        model = self.dataplane.model(request.name, request.version)
         cfg = model.config
         batching = cfg.batching
         return pb.ModelConfigResponse(config=mc.ModelConfig(
@@ -183,7 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None,
                      json_client: bool = False) -> pb.ModelInferResponse:
-        model = self._model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
+        model = self.dataplane.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
         if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInputError(f"{len(request.raw_input_contents)} raw_input_contents for "
                                     f"{len(request.inputs)} inputs")

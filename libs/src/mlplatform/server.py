@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,15 +48,13 @@ class ServiceSpec:
     name: str
     """Service name for logs and traces, e.g. `fraud`."""
     default_model: str
-    """Model served unless settings say otherwise (empty: the settings' `model_names` list them)."""
+    """Model served unless settings say otherwise (empty: the settings' `models` list them)."""
     model_factory: ModelFactory
     """Builds the (unloaded) model for a resolved version."""
     settings_cls: type[ServiceSettings] = ServiceSettings
     """The service's settings (its env prefix and default ports)."""
     typed_api: TypedApi | None = None
     """The typed API served beside the Open Inference Protocol (None: OIP only)."""
-    extra_services: tuple[str, ...] = field(default=())
-    """Other fully-qualified gRPC services this server answers (health and reflection)."""
 
     def main(self) -> int:
         """Entry point of `python -m <service>`: settings, logging, serve until SIGTERM/SIGINT."""
@@ -65,8 +63,7 @@ class ServiceSpec:
     @property
     def grpc_service_names(self) -> tuple[str, ...]:
         """Fully-qualified typed service names, for health and reflection."""
-        typed = (self.typed_api.full_name,) if self.typed_api is not None else ()
-        return (*typed, *self.extra_services)
+        return (self.typed_api.full_name,) if self.typed_api is not None else ()
 
 
 def build_cache(settings: ServiceSettings) -> PredictionCache | None:
