@@ -81,7 +81,7 @@ def build(repository: Path, version: int, seed: int, force: bool) -> Path | None
         "name": NAME, "version": version, "platform": "onnxruntime_onnx", "artifact": "model.onnx",
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, len(FEATURES)]}],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, 1]}],
-        "batching": {"max_batch_size": 64, "max_queue_delay_ms": 1.0, "max_queue_size": 1024,
+        "batching": {"max_batch_size": 64, "max_queue_delay_ms": 1.0, "max_queue_size": 1024, "latency_budget_ms": 40.0,
                      "preferred_batch_sizes": [8, 32, 64]},
         "runtime": {"intra_op_threads": 1, "inter_op_threads": 1},
         "warmup": {"batch_sizes": [1, 64], "iterations": 2},

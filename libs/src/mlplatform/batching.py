@@ -8,6 +8,12 @@ before inference, and an error in one request fails only that request: when a
 batch fails, its requests are retried one by one so each gets its own answer.
 Inference runs on a thread pool, off the event loop.
 
+Admission control (`mlplatform.admission`): a request whose estimated queue wait plus
+inference exceeds the sooner of its deadline and the model's latency budget is refused at
+`submit` (RESOURCE_EXHAUSTED with a retry hint), and one that has waited longer than the
+budget is refused before inference. The estimate comes from the queue and a running fit of
+batch duration against rows (seeded by `calibrate` at start-up, updated by every batch).
+
 Length-aware batching (variable-length inputs such as token sequences): given
 `lengths_of` (per-row sequence lengths of a request), a closed batch is cut into
 length groups (`mlplatform.batch_shapes.group_by_length`), each run as its own
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplatform import metrics
+from mlplatform import admission, metrics
 from mlplatform.batch_shapes import concat_inputs, group_by_length, pad_rows
 from mlplatform.errors import (
     DeadlineExpiredError,
@@ -82,7 +88,9 @@ class _Request:
     enqueued: float  # loop.time()
     enqueued_ns: int
     deadline: float | None  # loop.time()
+    budget_deadline: float | None  # loop.time(): enqueued + the latency budget
     lengths: np.ndarray | None = None  # per-row sequence lengths (length-aware batching only)
+    taken: float | None = None  # loop.time() it left the queue for a batch
 
     @property
     def length(self) -> int:
@@ -97,6 +105,11 @@ class BatcherStats:
     batch_sizes: list[int] = field(default_factory=list)
     expired: int = 0
     rejected: int = 0
+    """Refused: queue full, or admission control (estimated wait over the time left)."""
+    over_budget: int = 0
+    """Admitted, but refused before inference after waiting longer than the latency budget."""
+    max_queue_wait_s: float = 0.0
+    """Longest queue wait of a request that was run."""
     real_positions: int = 0
     """Sequence positions of real tokens in the batches run (length-aware batching)."""
     padded_positions: int = 0
@@ -123,9 +136,17 @@ class DynamicBatcher:
         keep_batch_sizes: int = 10_000,
         lengths_of: LengthsFn | None = None,
         group_overhead: int = 256,
+        latency_budget_s: float | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
+        if latency_budget_s is not None and latency_budget_s <= 0:
+            raise ValueError("latency_budget_s must be > 0 (None: no budget)")
+        self.latency_budget_s = latency_budget_s
+        """The model's latency budget (its SLO) in seconds; None: only the client's deadline bounds a request."""
+        self.service_time = admission.ServiceTime()
+        """Batch run time against rows, for admission estimates."""
+        self._busy_until: dict[int, float] = {}  # running batch id -> estimated end (loop.time())
         self._infer = infer
         self._lengths_of = lengths_of
         self.group_overhead = group_overhead
@@ -149,6 +170,8 @@ class DynamicBatcher:
         self._m_batch_size = metrics.BATCH_SIZE.labels(**self._labels)
         self._m_inference = metrics.INFERENCE_TIME.labels(**self._labels)
         self._m_padding = metrics.PADDING_ROWS.labels(**self._labels)
+        self._m_rejected = {reason: metrics.REJECTED.labels(**self._labels, reason=reason)
+                            for reason in ("queue_full", "overload", "over_budget", "deadline")}
         self._m_positions = {kind: metrics.BATCH_POSITIONS.labels(**self._labels, kind=kind)
                              for kind in ("real", "padded", "unsplit")}
         self._keep = keep_batch_sizes
@@ -196,26 +219,58 @@ class DynamicBatcher:
         rows = _rows_of(inputs)
         if rows > self.max_batch_size:
             raise InvalidInputError(f"request has {rows} rows; at most {self.max_batch_size} per request")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        est = admission.estimate(self._queue_state(now), self.service_time, rows)
         if len(self._queue) >= self.max_queue_size:
             self.stats.rejected += 1
-            metrics.REJECTED.labels(**self._labels, reason="queue_full").inc()
-            raise QueueFullError(f"queue is full ({self.max_queue_size} requests waiting); retry later")
+            self._m_rejected["queue_full"].inc()
+            raise QueueFullError(f"queue is full ({self.max_queue_size} requests waiting); retry later",
+                                 retry_after_s=admission.retry_after_s(est.wait_s))
+        refusal = admission.check(self._labels["model"], est, admission.time_left(
+            now, None if timeout_s is None else now + timeout_s, self.latency_budget_s), self.latency_budget_s)
+        if refusal is not None:
+            self.stats.rejected += 1
+            self._m_rejected["overload"].inc()
+            raise refusal
         lengths = None
         if self._lengths_of is not None:
             lengths = np.asarray(self._lengths_of(inputs), dtype=np.int64)
             if lengths.shape != (rows,):
                 raise InvalidInputError(f"sequence lengths {list(lengths.shape)} do not match {rows} rows")
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         req = _Request(
             inputs=inputs, rows=rows, future=loop.create_future(), enqueued=now, enqueued_ns=time.time_ns(),
-            deadline=None if timeout_s is None else now + timeout_s, lengths=lengths,
+            deadline=None if timeout_s is None else now + timeout_s,
+            budget_deadline=None if self.latency_budget_s is None else now + self.latency_budget_s, lengths=lengths,
         )
         self._queue.append(req)
         self._queued_rows += rows
         self._m_queue_depth.set(len(self._queue))
         self._arrived.set()
         return await req.future
+
+    def _queue_state(self, now: float) -> admission.QueueState:
+        """The queue and the runtime as admission sees them at `now`."""
+        slot_free_in = 0.0
+        if len(self._busy_until) >= self._max_concurrent:
+            slot_free_in = max(0.0, min(self._busy_until.values()) - now)
+        return admission.QueueState(self._queued_rows, slot_free_in, self.max_batch_size, self._max_concurrent)
+
+    async def calibrate(self, samples: list[Tensors], repeats: int = 3) -> None:
+        """Time the runtime on `samples` (e.g. warm-up batches of 1 and max_batch_size rows) to seed the
+        service-time fit before the first request; the median of `repeats` calls per sample."""
+        loop = asyncio.get_running_loop()
+        for inputs in samples:
+            rows = _rows_of(inputs)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                await loop.run_in_executor(self._executor, self._run_checked, inputs, rows)
+                times.append(time.perf_counter() - t0)
+            self.service_time.add_prior(rows, sorted(times)[len(times) // 2])
+        fixed, per_row = self.service_time.coefficients()
+        log.info("%s v%s: batch time ~ %.2f ms + %.3f ms/row (calibrated)", self._labels["model"],
+                 self._labels["version"], fixed * 1000, per_row * 1000)
 
     # -- batching task ---------------------------------------------------------------
 
@@ -282,11 +337,20 @@ class DynamicBatcher:
             if req.deadline is not None and req.deadline <= now:
                 self._pop()
                 self.stats.expired += 1
-                metrics.REJECTED.labels(**self._labels, reason="deadline").inc()
+                self._m_rejected["deadline"].inc()
                 req.future.set_exception(DeadlineExpiredError("deadline passed while the request was queued"))
+                continue
+            if req.budget_deadline is not None and req.budget_deadline < now:
+                self._pop()
+                self.stats.over_budget += 1
+                self._m_rejected["over_budget"].inc()
+                assert self.latency_budget_s is not None
+                req.future.set_exception(admission.budget_exceeded(
+                    self._labels["model"], now - req.enqueued, self.latency_budget_s))
                 continue
             if rows + req.rows > self.max_batch_size:
                 break
+            req.taken = now
             batch.append(self._pop())
             rows += req.rows
         self._m_queue_depth.set(len(self._queue))
@@ -299,7 +363,12 @@ class DynamicBatcher:
         started_ns = time.time_ns()
         now = loop.time()
         for req in batch:
-            self._m_queue_wait.observe(now - req.enqueued)
+            waited = (req.taken or now) - req.enqueued  # queue wait ends when the batch takes it
+            self._m_queue_wait.observe(waited)
+            if waited > self.stats.max_queue_wait_s:
+                self.stats.max_queue_wait_s = waited
+        key = id(batch)
+        self._busy_until[key] = now + self.service_time.predict(rows)
         self.stats.batches += 1
         if len(self.stats.batch_sizes) < self._keep:
             self.stats.batch_sizes.append(rows)
@@ -313,10 +382,13 @@ class DynamicBatcher:
                 await self._execute_singly(batch, started_ns)
             else:
                 _fail(batch[0], exc)
+            self._busy_until.pop(key, None)
             self._slots.release()
             return
         finished_ns = time.time_ns()
+        self._busy_until.pop(key, None)
         self._slots.release()
+        self.service_time.observe(rows, (finished_ns - started_ns) / 1e9)
         self._m_inference.observe((finished_ns - started_ns) / 1e9)
         offset = 0
         for req in batch:

@@ -27,6 +27,11 @@ class BatchingConfig(BaseModel):
     """How long the first request of a batch may wait for others to join it."""
     max_queue_size: int = Field(1024, ge=1)
     """Requests waiting at most; beyond it new ones get RESOURCE_EXHAUSTED."""
+    latency_budget_ms: float | None = Field(None, gt=0)
+    """The model's latency budget (its SLO). A request whose estimated queue wait plus inference exceeds
+    the sooner of this and the client's deadline is refused at once (RESOURCE_EXHAUSTED, with a retry
+    hint); one that has waited longer than this is refused before inference (Triton's queue policy,
+    `timeout_action: REJECT`). None: only the client's deadline (and `max_queue_size`) bound the queue."""
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     """Batch sizes the runtime is fastest at (reported in ModelConfig, used for warm-up)."""
     max_concurrent_batches: int = Field(1, ge=1)

@@ -1,6 +1,8 @@
 """Serving errors that carry the gRPC status they map to.
 
-Model code raises these; servicers turn them into a status with `abort_on_serving_error`.
+Model code raises these; servicers turn them into a status with `abort_on_serving_error`, which
+also sends a refusal's `retry-after` hint as trailing metadata (the gateway turns it into HTTP's
+`Retry-After` header).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ class ServingError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, code: grpc.StatusCode | None = None, *,
+                 retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s
+        """Seconds the client should wait before retrying (the `retry-after` trailer); None: no hint."""
         if code is not None:
             self.code = code
 
@@ -42,6 +47,10 @@ class QueueFullError(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OverloadedError(QueueFullError):
+    """Admission control: the request cannot be served within its deadline or the model's latency budget."""
+
+
 class DeadlineExpiredError(ServingError):
     """The request's deadline passed while it waited in the queue."""
 
@@ -60,6 +69,9 @@ class InferenceError(ServingError):
     code = grpc.StatusCode.INTERNAL
 
 
+RETRY_AFTER = "retry-after"
+"""Trailing metadata key of a refusal's retry hint, in whole seconds (HTTP `Retry-After` semantics)."""
+
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
@@ -71,6 +83,8 @@ def abort_on_serving_error(method: Handler) -> Handler:
         try:
             return await method(self, request, context)
         except ServingError as err:
+            if err.retry_after_s is not None:
+                context.set_trailing_metadata(((RETRY_AFTER, str(err.retry_after_s)),))
             await context.abort(err.code, err.message)
 
     return wrapper  # type: ignore[return-value]

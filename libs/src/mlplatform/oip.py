@@ -138,7 +138,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        model = self.dataplane.model(request.name, request.version)
+        predictor = self.dataplane.predictor(request.name, request.version)
+        model = predictor.model
         cfg = model.config
         batching = cfg.batching
         return pb.ModelConfigResponse(config=mc.ModelConfig(
@@ -152,6 +153,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             dynamic_batching=mc.ModelDynamicBatching(
                 preferred_batch_size=batching.preferred_batch_sizes,
                 max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
+                default_queue_policy=mc.ModelQueuePolicy(
+                    timeout_action=mc.ModelQueuePolicy.REJECT,
+                    default_timeout_microseconds=int((predictor.batcher.latency_budget_s or 0) * 1e6),
+                    allow_timeout_override=True, max_queue_size=batching.max_queue_size),
             ),
             instance_group=[mc.ModelInstanceGroup(
                 kind=mc.ModelInstanceGroup.KIND_GPU if model.device == "gpu" else mc.ModelInstanceGroup.KIND_CPU,

@@ -90,6 +90,7 @@ def build_predictor(model: Model, settings: ServiceSettings, cache: PredictionCa
         version=model.version,
         lengths_of=model.sequence_lengths if model.variable_length else None,
         group_overhead=cfg.length_group_overhead,
+        latency_budget_s=(settings.latency_budget_ms or cfg.latency_budget_ms or 0) / 1000 or None,
     )
     breaker = Breaker(f"model-{model.name}", fail_max=settings.breaker_fail_max,
                       reset_timeout_s=settings.breaker_reset_s, exclude=NOT_MODEL_FAILURES)
@@ -184,6 +185,7 @@ class ModelServer:
             log.info("%s: %s batches padded up to sizes %s on %s", self.spec.name, model.name, batcher.pad_sizes,
                      model.device)
         await model.warmup(self.settings.warmup_iterations)
+        await batcher.calibrate([model.warmup_inputs(b) for b in sorted({1, model.max_batch_size})])
         await batcher.start()
 
     def request_stop(self) -> None:

@@ -50,6 +50,8 @@ class ServiceSettings(BaseSettings):
     """On SIGTERM, keep serving this long after health turns NOT_SERVING (load balancers notice)."""
     max_concurrent_rpcs: int | None = Field(None, ge=1)
     """Cap on concurrent RPCs; beyond it new calls get RESOURCE_EXHAUSTED."""
+    latency_budget_ms: float | None = Field(None, gt=0)
+    """Override the model config's `batching.latency_budget_ms` (admission control) for the models served."""
     max_stream_in_flight: int = Field(64, ge=1)
     """Messages of one bidi stream scored concurrently before reading pauses."""
     cache_ttl_s: int = Field(3600, ge=1)

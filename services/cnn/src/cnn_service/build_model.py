@@ -63,7 +63,7 @@ CONFIG_STATIC: dict[str, Any] = {
     # On a GPU every batch is padded to 8, 16 or 32 rows (the TensorRT profile's range): CUDA/cuDNN set up
     # each new shape on its first call, which cost 45 ms per batch on an H100 when batches of odd sizes
     # came in (BENCHMARKS.md); on CPU cost grows with rows, so batches are not padded there.
-    "batching": {"max_batch_size": 32, "max_queue_delay_ms": 20.0, "max_queue_size": 1024,
+    "batching": {"max_batch_size": 32, "max_queue_delay_ms": 20.0, "max_queue_size": 1024, "latency_budget_ms": 80.0,
                  "preferred_batch_sizes": [8, 16, 32], "pad_to_preferred": "gpu"},
     "runtime": {
         "intra_op_threads": 1, "inter_op_threads": 1,

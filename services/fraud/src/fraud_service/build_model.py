@@ -94,7 +94,7 @@ CONFIG_STATIC: dict[str, Any] = {
     ],
     # No added queue delay (Triton's default too): a row takes ~25 us, so waiting for batch-mates only adds
     # latency; under load, requests queued while a batch runs still form the next batch (BENCHMARKS.md).
-    "batching": {"max_batch_size": 256, "max_queue_delay_ms": 0.0, "max_queue_size": 2048,
+    "batching": {"max_batch_size": 256, "max_queue_delay_ms": 0.0, "max_queue_size": 2048, "latency_budget_ms": 40.0,
                  "preferred_batch_sizes": [32, 64, 128, 256]},
     "runtime": {"intra_op_threads": 1, "inter_op_threads": 1},
     "warmup": {"batch_sizes": [1, 32, 256], "iterations": 2},

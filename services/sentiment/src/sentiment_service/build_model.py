@@ -241,7 +241,7 @@ def make_config(version: int, seed: int, metrics: dict[str, Any], threads: int) 
             {"name": "tokens", "datatype": "INT32", "shape": [-1]},
         ],
         "batching": {"max_batch_size": 32, "max_queue_delay_ms": 5.0, "max_queue_size": 1024,
-                     "preferred_batch_sizes": [8, 16, 32], "length_group_overhead": 256},
+                     "latency_budget_ms": 160.0, "preferred_batch_sizes": [8, 16, 32], "length_group_overhead": 256},
         "runtime": {"intra_op_threads": threads, "inter_op_threads": 1,
                     "options": {"variant": "torchscript", "variants": variants, "device": "auto",
                                 "precision": "auto"}},
