@@ -31,6 +31,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,14 @@ MODEL_REPOSITORY = ROOT / "model_repository"
 # Status values of a record besides "ok": gRPC status names (lower case) or "http_<code>".
 DROPPED = "dropped"  # never sent: the generator had max_in_flight outstanding requests
 TIMEOUT = "timeout"
+GENERATOR_ERROR = "generator_error"  # the worker that owned the request failed or hung: no outcome
+REFUSALS = frozenset({"resource_exhausted", "http_429", "http_503", "unavailable"})
+"""Statuses a server (or the gateway) answers when it sheds load: counted apart from timeouts and errors."""
+RATE_LIMITED = "rate_limited"
+"""The gateway's per-key rate limit (not the server shedding load): the bench's keys were too few."""
+TIMEOUTS = frozenset({TIMEOUT, "http_504"})
+"""The client's own deadline, or the gateway's upstream timeout."""
+NOT_SENT = frozenset({DROPPED, GENERATOR_ERROR})
 
 
 @dataclass(frozen=True)
@@ -168,17 +177,27 @@ class Sender:
 
 
 class GrpcSender(Sender):
-    """Typed `<model>.v1.<Model>Service/Predict` over one grpc.aio channel per worker."""
+    """Typed `<model>.v1.<Model>Service/Predict` over one grpc.aio channel per worker. Requests are serialised
+    before the clock starts and answers are not parsed (identity (de)serialisers): the generator shares the
+    machine's cores with the servers, so its CPU per request is kept small."""
+
+    method = ""
 
     async def open(self) -> None:
         import grpc
 
         self.grpc = grpc
         self.channel = grpc.aio.insecure_channel(self.target.address)
-        model = self.target.model
-        self.pb = __import__(f"{model}.v1.{model}_pb2", fromlist=["x"])
-        rpc = __import__(f"{model}.v1.{model}_pb2_grpc", fromlist=["x"])
-        self.stub = getattr(rpc, f"{model.capitalize()}ServiceStub")(self.channel)
+        m = self.target.model
+        self.pb = __import__(f"{m}.v1.{m}_pb2", fromlist=["x"])
+        self.method = f"/{m}.v1.{m.capitalize()}Service/Predict"
+        self._prepare()
+
+    def _prepare(self) -> None:
+        self.call = self.channel.unary_unary(self.method)  # bytes in, bytes out
+        self.payloads = [self.request(x).SerializeToString() for x in self.inputs]
+        toks = self.target.tokens
+        self.metadata = [(("authorization", f"Bearer {t}"),) for t in toks] or [None]
 
     def request(self, x: Any) -> Any:
         m = self.target.model
@@ -189,15 +208,20 @@ class GrpcSender(Sender):
         return self.pb.PredictRequest(text=x)
 
     async def send(self) -> str:
-        req = self.request(self.next_input())
-        token = self.next_token()
-        md = (("authorization", f"Bearer {token}"),) if token else None
+        i = self.i
+        self.i += 1
         try:
-            await self.stub.Predict(req, timeout=self.timeout_s, metadata=md)
+            await self.call(self.payloads[i % len(self.payloads)], timeout=self.timeout_s,
+                            metadata=self.metadata[i % len(self.metadata)])
             return "ok"
         except self.grpc.aio.AioRpcError as e:
             code = e.code()
-            return TIMEOUT if code == self.grpc.StatusCode.DEADLINE_EXCEEDED else code.name.lower()
+            if code == self.grpc.StatusCode.DEADLINE_EXCEEDED:
+                return TIMEOUT
+            if code == self.grpc.StatusCode.RESOURCE_EXHAUSTED and _key_exhausted(
+                    (*(e.initial_metadata() or ()), *(e.trailing_metadata() or ()))):
+                return RATE_LIMITED
+            return code.name.lower()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -209,12 +233,11 @@ class OipSender(GrpcSender):
     async def open(self) -> None:
         import grpc
         from inference import grpc_service_pb2 as pb
-        from inference import grpc_service_pb2_grpc as rpc
 
         self.grpc, self.pb = grpc, pb
         self.channel = grpc.aio.insecure_channel(self.target.address)
-        self.stub = rpc.GRPCInferenceServiceStub(self.channel)
-        self.stub.Predict = self.stub.ModelInfer  # type: ignore[attr-defined]
+        self.method = "/inference.GRPCInferenceService/ModelInfer"
+        self._prepare()
 
     def request(self, x: Any) -> Any:
         pb, m = self.pb, self.target.model
@@ -242,6 +265,10 @@ class RestSender(Sender):
             connector=aiohttp.TCPConnector(limit=256),
             timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self.url = f"http://{self.target.address}/api/v1/{self.target.model}"
+        self.bodies = [self.body(x) for x in self.inputs]  # JSON encoded once, before the clock starts
+        toks = self.target.tokens
+        self.headers = [{"content-type": "application/json", "authorization": f"Bearer {t}"} for t in toks] or [
+            {"content-type": "application/json"}]
 
     def body(self, x: Any) -> bytes:
         m = self.target.model
@@ -252,14 +279,17 @@ class RestSender(Sender):
         return json.dumps({"text": x}).encode()
 
     async def send(self) -> str:
-        headers = {"content-type": "application/json"}
-        token = self.next_token()
-        if token:
-            headers["authorization"] = f"Bearer {token}"
+        i = self.i
+        self.i += 1
         try:
-            async with self.session.post(self.url, data=self.body(self.next_input()), headers=headers) as resp:
+            async with self.session.post(self.url, data=self.bodies[i % len(self.bodies)],
+                                         headers=self.headers[i % len(self.headers)]) as resp:
                 await resp.read()
-                return "ok" if resp.status == 200 else f"http_{resp.status}"
+                if resp.status == 200:
+                    return "ok"
+                if resp.status == 429 and _key_exhausted(resp.headers.items()):
+                    return RATE_LIMITED
+                return f"http_{resp.status}"
         except TimeoutError:
             return TIMEOUT
         except self.aiohttp.ClientError as e:
@@ -269,6 +299,11 @@ class RestSender(Sender):
         await self.session.close()
 
 
+def _key_exhausted(headers: Any) -> bool:
+    """The gateway's per-key rate limiter answered (its `x-ratelimit-remaining: 0`), not the server."""
+    return any(str(k).lower() == "x-ratelimit-remaining" and str(v).strip() == "0" for k, v in headers)
+
+
 SENDERS = {"grpc": GrpcSender, "rest": RestSender, "oip": OipSender}
 
 
@@ -276,6 +311,8 @@ SENDERS = {"grpc": GrpcSender, "rest": RestSender, "oip": OipSender}
 
 @dataclass
 class WorkerJob:
+    """One worker process's share of the schedule."""
+
     targets: list[Target]
     times: np.ndarray  # intended send times of this worker's arrivals (s from start)
     choices: np.ndarray  # index into targets per arrival
@@ -284,7 +321,9 @@ class WorkerJob:
     worker: int
 
 
-async def _work(job: WorkerJob, conn: Any) -> tuple[np.ndarray, list[str]]:
+async def _work(job: WorkerJob, conn: Any) -> tuple[np.ndarray, list[str], float]:
+    """Open the senders, wait for the common start, send on schedule; returns the records, the status names
+    and the CPU seconds this process spent from the start to its last answer."""
     counts = np.bincount(job.choices, minlength=len(job.targets)) if len(job.choices) else [0] * len(job.targets)
     senders = []
     for k, t in enumerate(job.targets):
@@ -302,8 +341,10 @@ async def _work(job: WorkerJob, conn: Any) -> tuple[np.ndarray, list[str]]:
     # record columns: intended, start, end (s from t0), target index, status index
     rec = np.full((n, 5), np.nan)
     statuses: list[str] = ["ok"]
+    index = {"ok": 0}
     in_flight = 0
     mono0 = time.monotonic() + (start_wall - time.time())
+    cpu0 = time.process_time()
 
     async def one(i: int, k: int) -> None:
         nonlocal in_flight
@@ -313,9 +354,10 @@ async def _work(job: WorkerJob, conn: Any) -> tuple[np.ndarray, list[str]]:
         except Exception as e:  # an unexpected client failure is an outcome too, never a lost record
             status = f"client_{type(e).__name__}"
         rec[i, 2] = time.monotonic() - mono0
-        if status not in statuses:
+        if status not in index:
+            index[status] = len(statuses)
             statuses.append(status)
-        rec[i, 4] = statuses.index(status)
+        rec[i, 4] = index[status]
         in_flight -= 1
 
     tasks = set()
@@ -326,9 +368,10 @@ async def _work(job: WorkerJob, conn: Any) -> tuple[np.ndarray, list[str]]:
         if delay > 0:
             await asyncio.sleep(delay)
         if in_flight >= job.max_in_flight:
-            if DROPPED not in statuses:
+            if DROPPED not in index:
+                index[DROPPED] = len(statuses)
                 statuses.append(DROPPED)
-            rec[i, 4] = statuses.index(DROPPED)
+            rec[i, 4] = index[DROPPED]
             continue
         in_flight += 1
         task = asyncio.create_task(one(i, k))
@@ -336,26 +379,41 @@ async def _work(job: WorkerJob, conn: Any) -> tuple[np.ndarray, list[str]]:
         task.add_done_callback(tasks.discard)
     while tasks:
         await asyncio.gather(*list(tasks))
+    cpu_s = time.process_time() - cpu0
     for s in senders:
         await s.close()
-    return rec, statuses
+    return rec, statuses, cpu_s
 
 
 def _worker_main(job: WorkerJob, conn: Any) -> None:
+    """A worker process: (records, statuses, error, CPU seconds) back through `conn`."""
     try:
-        rec, statuses = asyncio.run(_work(job, conn))
-        conn.send((rec, statuses, None))
+        rec, statuses, cpu_s = asyncio.run(_work(job, conn))
+        conn.send((rec, statuses, None, cpu_s))
     except Exception as e:  # the parent reports it; a worker must never hang the run
-        conn.send((None, None, f"{type(e).__name__}: {e}"))
+        conn.send((None, None, f"{type(e).__name__}: {e}", 0.0))
     finally:
         conn.close()
 
 
 # ---------------------------------------------------------------- the public API
 
+def _percentile(a: np.ndarray, q: float) -> float | None:
+    """The q-th percentile without interpolating below an observed value (numpy's "higher" method), so that
+    1 % of requests at 5 s puts p99 at 5 s, not somewhere between the fast answers and the slow ones."""
+    return float(np.percentile(a, q, method="higher")) if len(a) else None
+
+
+def _member(status: np.ndarray, names: frozenset[str]) -> np.ndarray:
+    return np.fromiter((s in names for s in status), bool, len(status))
+
+
 @dataclass
 class Result:
-    """Per-request records of a run. Times in seconds from the run's start; latency from the intended time."""
+    """Per-request records of a run. Times in seconds from the run's start; latency from the intended time.
+
+    Every request has an outcome in `status`: "ok", a refusal (REFUSALS), a timeout (TIMEOUTS), another
+    error, or never sent (NOT_SENT: the generator's in-flight cap, or a failed worker)."""
 
     targets: list[str]
     intended: np.ndarray
@@ -367,10 +425,20 @@ class Result:
     offered_rate: float
     start_wall: float  # time.time() of t = 0
     errors: list[str] = field(default_factory=list)
+    timeout_s: float = 5.0
+    generator_cpu_s: float = 0.0  # CPU seconds of the worker processes, from the start to their last answer
 
     @property
     def latency(self) -> np.ndarray:
+        """end - intended (NaN for a request that has no answer)."""
         return self.end - self.intended
+
+    @property
+    def outcome_latency(self) -> np.ndarray:
+        """What every request cost its caller, for the percentiles: end - intended when it was answered (ok,
+        refused, error or timed out), the timeout when it never was (not sent, or its worker failed)."""
+        lat = self.end - self.intended
+        return np.where(np.isfinite(lat), lat, self.timeout_s)
 
     @property
     def lag(self) -> np.ndarray:
@@ -379,51 +447,95 @@ class Result:
     def select(self, target: str | None = None) -> np.ndarray:
         return np.ones(len(self.intended), bool) if target is None else (self.target == self.targets.index(target))
 
-    def summary(self, target: str | None = None, window: tuple[float, float] | None = None) -> dict[str, Any]:
-        """Offered and achieved rate, latency percentiles of successful requests (ms), errors by status,
-        the generator's own send lag."""
+    def summary(self, target: str | None = None, window: tuple[float, float] | None = None,
+                slo_ms: float | None = None) -> dict[str, Any]:
+        """Figures of the requests intended in `window` (default: the schedule), one target or all.
+
+        Latency percentiles (`p50_ms` ... `max_ms`) count **every** request (`outcome_latency`); `ok_p*`
+        are the successes alone, `refusal_p*` the refusals alone. Rates: `offered_rps` over the window;
+        `achieved_rps` (ok answers), `completed_rps` (any answer) and `goodput_rps` (ok within `slo_ms`)
+        over the completion window, from the window's start to its end or to the last answer, whichever is
+        later, so a server that clears its backlog late does not report the full rate."""
         sel = self.select(target)
+        w0, w1 = window if window is not None else (0.0, self.duration_s)
         if window is not None:
-            sel &= (self.intended >= window[0]) & (self.intended < window[1])
-        span = (window[1] - window[0]) if window else self.duration_s
-        ok = sel & (self.status == "ok")
-        lat = self.latency[ok] * 1000
-        sent = sel & (self.status != DROPPED)
+            sel &= (self.intended >= w0) & (self.intended < w1)
+        n = int(sel.sum())
+        st = self.status[sel]
+        lat = self.outcome_latency[sel] * 1000
+        end = self.end[sel]
+        ok = st == "ok"
+        refused, timed_out, not_sent = _member(st, REFUSALS), _member(st, TIMEOUTS), _member(st, NOT_SENT)
+        answered = np.isfinite(end)
+        last = float(end[answered].max()) if answered.any() else w1
+        span = max(w1, last) - w0
+        good = ok & (lat <= slo_ms) if slo_ms is not None else ok
+        sent = sel & ~_member(self.status, NOT_SENT)
         lag = self.lag[sent] * 1000
         errors: dict[str, int] = {}
-        for s in self.status[sel & ~(self.status == "ok")]:
+        for s in st[~ok]:
             errors[str(s)] = errors.get(str(s), 0) + 1
 
-        def pct(a: np.ndarray, q: float) -> float | None:
-            return float(np.percentile(a, q)) if len(a) else None
+        def rate(count: int, over: float) -> float:
+            return float(count / over) if over > 0 else 0.0
 
         return {
-            "requests": int(sel.sum()), "ok": int(ok.sum()), "errors": errors,
-            "error_count": int(sel.sum() - ok.sum()),
-            "offered_rps": float(sel.sum() / span) if span else 0.0,
-            "achieved_rps": float(ok.sum() / span) if span else 0.0,
-            "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95), "p99_ms": pct(lat, 99),
-            "max_ms": pct(lat, 100), "mean_ms": float(lat.mean()) if len(lat) else None,
-            "send_lag_p50_ms": pct(lag, 50), "send_lag_p99_ms": pct(lag, 99),
-            "send_lag_max_ms": pct(lag, 100),
+            "requests": n, "ok": int(ok.sum()), "errors": errors, "error_count": int(n - ok.sum()),
+            "refused": int(refused.sum()), "timeouts": int(timed_out.sum()), "not_sent": int(not_sent.sum()),
+            "failed": int((~ok & ~refused & ~timed_out & ~not_sent).sum()),
+            "offered_rps": rate(n, w1 - w0), "achieved_rps": rate(int(ok.sum()), span),
+            "completed_rps": rate(int(answered.sum()), span), "goodput_rps": rate(int(good.sum()), span),
+            "good": int(good.sum()), "slo_ms": slo_ms, "completion_window_s": span,
+            "p50_ms": _percentile(lat, 50), "p95_ms": _percentile(lat, 95), "p99_ms": _percentile(lat, 99),
+            "max_ms": _percentile(lat, 100), "mean_ms": float(lat.mean()) if n else None,
+            "ok_p50_ms": _percentile(lat[ok], 50), "ok_p99_ms": _percentile(lat[ok], 99),
+            "refusal_p50_ms": _percentile(lat[refused], 50), "refusal_p99_ms": _percentile(lat[refused], 99),
+            "refusal_max_ms": _percentile(lat[refused], 100),
+            "send_lag_p50_ms": _percentile(lag, 50), "send_lag_p99_ms": _percentile(lag, 99),
+            "send_lag_max_ms": _percentile(lag, 100),
         }
 
-    def timeline(self, bin_s: float = 1.0) -> list[dict[str, Any]]:
-        """Per time bin (by intended time): offered and ok counts per second, p50/p99 of successes, errors."""
+    def timeline(self, bin_s: float = 1.0, slo_ms: float | None = None) -> list[dict[str, Any]]:
+        """Per time bin, until the last answer: `offered_rps` and the latency percentiles (every request) of the
+        requests *intended* in the bin; `achieved_rps` (ok), `goodput_rps` (ok within `slo_ms`), `refused_rps`,
+        `timeouts_rps` and `failed_rps` of the answers that *arrived* in the bin; `errors` = non-ok requests
+        intended in the bin."""
+        lat = self.outcome_latency * 1000
+        answered = np.isfinite(self.end)
+        last = float(self.end[answered].max()) if answered.any() else 0.0
+        ok = self.status == "ok"
+        refused, timed_out = _member(self.status, REFUSALS), _member(self.status, TIMEOUTS)
+        good = ok & (lat <= slo_ms) if slo_ms is not None else ok
         out = []
-        for b in range(math.ceil(self.duration_s / bin_s)):
-            s = self.summary(window=(b * bin_s, (b + 1) * bin_s))
-            out.append({"t": b * bin_s, "offered_rps": s["offered_rps"], "achieved_rps": s["achieved_rps"],
-                        "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "errors": s["error_count"],
-                        "send_lag_p99_ms": s["send_lag_p99_ms"]})
+        for b in range(math.ceil(max(self.duration_s, last) / bin_s - 1e-9)):
+            lo, hi = b * bin_s, (b + 1) * bin_s
+            sent_in = (self.intended >= lo) & (self.intended < hi)
+            done_in = answered & (self.end >= lo) & (self.end < hi)
+            lag = self.lag[sent_in & np.isfinite(self.start)] * 1000
+            out.append({
+                "t": lo, "offered_rps": float(sent_in.sum() / bin_s),
+                "achieved_rps": float((done_in & ok).sum() / bin_s),
+                "goodput_rps": float((done_in & good).sum() / bin_s),
+                "refused_rps": float((done_in & refused).sum() / bin_s),
+                "timeouts_rps": float((done_in & timed_out).sum() / bin_s),
+                "failed_rps": float((done_in & ~ok & ~refused & ~timed_out).sum() / bin_s),
+                "p50_ms": _percentile(lat[sent_in], 50), "p99_ms": _percentile(lat[sent_in], 99),
+                "errors": int((sent_in & ~ok).sum()), "send_lag_p99_ms": _percentile(lag, 99)})
         return out
 
 
+RESULT_MARGIN_S = 30.0
+"""How long after the schedule's end plus the timeout a worker may take to send its records."""
+
+
 def run(targets: list[Target], phases: list[Phase], *, processes: int = 2, timeout_s: float = 5.0,
-        max_in_flight: int = 10_000, seed: int = 0) -> Result:
+        max_in_flight: int = 10_000, seed: int = 0, on_start: Callable[[], None] | None = None,
+        result_margin_s: float = RESULT_MARGIN_S) -> Result:
     """Offer the `phases` schedule across `targets` (by weight) from `processes` worker processes.
 
-    Blocks for the schedule's length plus the last answers (at most `timeout_s`)."""
+    `on_start` is called once every worker is ready, just before the common start (e.g. to read the servers'
+    CPU time). Blocks for the schedule's length plus the last answers (at most `timeout_s`); a worker that
+    has sent nothing `result_margin_s` after that is killed and its requests are `generator_error`."""
     times = arrivals(phases)
     weights = np.array([t.weight for t in targets], float)
     choices = np.random.default_rng(seed).choice(len(targets), size=len(times), p=weights / weights.sum())
@@ -439,39 +551,54 @@ def run(targets: list[Target], phases: list[Phase], *, processes: int = 2, timeo
         child.close()
         jobs.append((idx, proc))
         pipes.append(parent)
-    for (_, proc), pipe in zip(jobs, pipes, strict=True):
-        if not pipe.poll(120):
-            raise RuntimeError(f"load generator worker {proc.pid} not ready after 120 s")
-        try:
-            msg = pipe.recv()
-        except EOFError:
-            msg = (None, None, "exited before it was ready")
-        if msg != "ready":
-            raise RuntimeError(f"load generator worker failed: {msg[2]}")
+    try:
+        for (_, proc), pipe in zip(jobs, pipes, strict=True):
+            if not pipe.poll(120):
+                raise RuntimeError(f"load generator worker {proc.pid} not ready after 120 s")
+            try:
+                msg = pipe.recv()
+            except EOFError:
+                msg = (None, None, "exited before it was ready", 0.0)
+            if msg != "ready":
+                raise RuntimeError(f"load generator worker failed: {msg[2]}")
+    except BaseException:
+        for _, proc in jobs:
+            proc.kill()
+        raise
+    if on_start is not None:
+        on_start()
     start_wall = time.time() + 0.1
     for pipe in pipes:
         pipe.send(start_wall)
+    duration = sum(p.duration_s for p in phases)
+    deadline = time.monotonic() + 0.1 + duration + timeout_s + result_margin_s
     n = len(times)
     intended, start, end = times.copy(), np.full(n, np.nan), np.full(n, np.nan)
     target_idx = choices.copy()
-    status = np.array(["dropped"] * n, dtype=object)
-    errors = []
+    status = np.array([DROPPED] * n, dtype=object)
+    errors, cpu = [], 0.0
     for (idx, proc), pipe in zip(jobs, pipes, strict=True):
-        try:
-            rec, statuses, err = pipe.recv()
-        except EOFError:
-            rec, statuses, err = None, None, f"worker {proc.pid} died"
-        proc.join(30)
-        if err:
-            errors.append(err)
-            status[idx] = "generator_error"
+        rec = statuses = None
+        if not pipe.poll(max(0.0, deadline - time.monotonic())):
+            err = (f"worker {proc.pid} sent no records {result_margin_s:g} s after the schedule's end plus the "
+                   f"timeout (stuck): killed, its {len(idx)} requests counted as {GENERATOR_ERROR}")
+            proc.kill()
+        else:
+            try:
+                rec, statuses, err, cpu_s = pipe.recv()
+                cpu += cpu_s
+            except EOFError:
+                err = f"worker {proc.pid} died"
+        proc.join(5)
+        if err or rec is None:
+            errors.append(err or f"worker {proc.pid}: no records")
+            status[idx] = GENERATOR_ERROR
             continue
         start[idx], end[idx] = rec[:, 1], rec[:, 2]
         status[idx] = np.array([statuses[int(s)] for s in rec[:, 4]], dtype=object)
-    duration = sum(p.duration_s for p in phases)
     offered = n / duration if duration else 0.0
     return Result([t.name for t in targets], intended, start, end, target_idx, status, duration, offered,
-                  start_wall, errors)
+                  start_wall, errors, timeout_s, cpu)
 
 
 def worker_processes(rate: float) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import verdicts
+
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     """p50 / p90 / p99 / mean in milliseconds of latencies given in seconds, and their count."""
@@ -37,8 +39,11 @@ def machine() -> dict[str, object]:
 
 # ---------------------------------------------------------------- `make bench`: cost and the assembled report
 
-SECTIONS = ("raw", "curve", "mix", "spike", "cache", "peer", "cost")
-"""The scenario files (`<name>.md`, `<name>.json`) report.md is assembled from, in this order."""
+SECTIONS = ("raw", "cost", "curve", "mix", "spike", "overload", "cache", "peer", "price")
+"""The scenario files (`<name>.md`, `<name>.json`) report.md is assembled from, in this order (`cost`: CPU per
+request against the gRPC floor, bench/cost.py; `price`: $ per 1000 predictions, `price()` here)."""
+TARGET_SECTIONS = ("cost", "overload", "mix", "peer")
+"""Sections whose JSON carries issue 13's targets (a `targets` list of verdict rows; peer's are derived)."""
 
 GPU_RUNTIME_THROUGHPUT = {
     "cnn": (145_000.0, "ORT CUDA, batch 32, in-process, H100 (BENCHMARKS.md)"),
@@ -52,8 +57,18 @@ def usd_per_1000(core_seconds_per_prediction: float, usd_per_hour: float) -> flo
     return core_seconds_per_prediction * 1000 / 3600 * usd_per_hour
 
 
-def cost(out: Path, cpu_core_hour_usd: float, gpu_hour_usd: float) -> dict[str, Any]:
-    """$ per 1000 predictions per model from this run's raw.json and curve.json; writes cost.{json,md}."""
+def efficiency(raw_cpu: dict[str, Any], grpc: dict[str, Any], rest: dict[str, Any]) -> dict[str, float | None]:
+    """Served predictions per server core-second at the SLO against the runtime alone per core-second: gRPC
+    against batch 1 and against the best batch, REST (service + Envoy) against the best batch. None where the
+    served figure is missing."""
+    gr, sr = grpc.get("rps_per_server_core"), rest.get("rps_per_server_core")
+    return {"grpc_vs_batch1": gr / raw_cpu["batch1_rows_per_core_s"] if gr else None,
+            "grpc_vs_best": gr / raw_cpu["rows_per_core_s"] if gr else None,
+            "rest_vs_best": sr / raw_cpu["rows_per_core_s"] if sr else None}
+
+
+def price(out: Path, cpu_core_hour_usd: float, gpu_hour_usd: float) -> dict[str, Any]:
+    """$ per 1000 predictions per model from this run's raw.json and curve.json; writes price.{json,md}."""
     raw = _load(out / "raw.json") or {}
     curve = _load(out / "curve.json") or {}
     cpus = os.cpu_count() or 1
@@ -124,10 +139,7 @@ def cost(out: Path, cpu_core_hour_usd: float, gpu_hour_usd: float) -> dict[str, 
         if not raw_c:
             continue
         gr, sr = g.get("rps_per_server_core"), s.get("rps_per_server_core")
-        r["efficiency"] = {"grpc_vs_batch1": gr / raw_c["batch1_rows_per_core_s"] if gr else None,
-                           "grpc_vs_best": gr / raw_c["rows_per_core_s"] if gr else None,
-                           "rest_vs_best": sr / raw_c["rows_per_core_s"] if sr else None}
-        e = r["efficiency"]
+        e = r["efficiency"] = efficiency(raw_c, g, s)
 
         def pct(v: float | None) -> str:
             return "—" if v is None else f"{100 * v:.1f} %"
@@ -136,9 +148,34 @@ def cost(out: Path, cpu_core_hour_usd: float, gpu_hour_usd: float) -> dict[str, 
                   f"{'—' if gr is None else f'{gr:,.0f}'} | {pct(e['grpc_vs_batch1'])} | {pct(e['grpc_vs_best'])} | "
                   f"{'—' if sr is None else f'{sr:,.0f}'} | {pct(e['rest_vs_best'])} |")
     md.append("")
-    (out / "cost.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "cost.md").write_text("\n".join(md) + "\n")
+    (out / "price.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "price.md").write_text("\n".join(md) + "\n")
     return data
+
+
+def target_rows(out: Path) -> list[dict[str, Any]]:
+    """Every verdict row the run's sections recorded (cost, overload, mix; peer's derived from peer.json), in the
+    issue's item order."""
+    rows: list[dict[str, Any]] = []
+    for name in TARGET_SECTIONS:
+        data = _load(out / f"{name}.json")
+        if data is None:
+            continue
+        rows += verdicts.peer_rows(data) if name == "peer" else data.get("targets", [])
+    return sorted(rows, key=lambda r: r["item"])
+
+
+def targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's "Targets" section: each target of issue 13 with its measured value, goal and verdict."""
+    judged = [r for r in rows if r["met"] is not None]
+    met = sum(1 for r in judged if r["met"])
+    md = ["## Targets (issue 13)", "",
+          f"{met} of {len(judged)} judged targets met (rows marked — are reported figures without a goal of their "
+          "own, or had nothing to judge). Items: 1 per-request cost, 3 overload, 4 the 1000 req/s mix, 5 peer.", "",
+          "| item | target | measured | goal | verdict |", "|---|---|---|---|---|"]
+    md += [f"| {r['item']} | {r['target']} | {r['measured']} | {r['goal']} | {verdicts.verdict_text(r['met'])} |"
+           for r in rows]
+    return [*md, ""]
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -162,6 +199,10 @@ def assemble(out: Path, commands: list[str], extra: dict[str, Any] | None = None
         header.append(f"**{key}:** {value}")
     header.append("")
     body, figures = [], {"machine": machine(), "commands": commands, **(extra or {})}
+    rows = target_rows(out)
+    figures["targets"] = rows
+    if rows:
+        body.append("\n".join(targets_table(rows)))
     for name in SECTIONS:
         md, js = out / f"{name}.md", out / f"{name}.json"
         if md.exists():

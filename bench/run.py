@@ -2,7 +2,7 @@
 
 Scenarios: raw, curve, mix, spike, cache (this module) and peer (bench/peer_mlserver.py, run by
 `make bench` into the same directory); `all` = raw curve mix spike cache; `report` only re-assembles
-report.md / report.json (and the cost section) from the JSON already in --out. curve, mix and spike
+report.md / report.json (the price section and the Targets table) from the JSON already in --out. curve, mix and spike
 share one platform (Redis, the three services with their cache off, the Envoy gateway) started on
 free loopback ports; raw runs in-process; cache starts its own fraud services. Progress lines go to
 stdout. Output: --out, else $BENCH_OUT, else bench/results/<UTC timestamp>/.
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if "cache" in names:
         log("scenario cache")
         scenarios.cache(out, repo, cfg)
-    report.cost(out, args.cpu_core_hour_usd, args.gpu_hour_usd)
+    report.price(out, args.cpu_core_hour_usd, args.gpu_hour_usd)
     cmd = "python -m bench " + " ".join(args.scenarios) + (" --quick" if args.quick else "")
     path = report.assemble(out, [cmd], {
         "Prices assumed": f"CPU ${args.cpu_core_hour_usd:.3f}/core-hour, GPU ${args.gpu_hour_usd:.2f}/GPU-hour",

@@ -194,10 +194,16 @@ def counters(metrics: dict[str, float], model: str) -> dict[str, float]:
 
 def batch_histogram(metrics: dict[str, float], model: str) -> dict[str, float]:
     """Cumulative batch-size bucket counts (le -> count)."""
-    out = {}
+    return histogram(metrics, "inference_batch_size", model)
+
+
+def histogram(metrics: dict[str, float], name: str, model: str) -> dict[str, float]:
+    """A histogram's cumulative bucket counts for one model (le -> count, summed over its other labels)."""
+    out: dict[str, float] = {}
     for key, v in metrics.items():
-        if key.startswith("inference_batch_size_bucket{") and f'model="{model}"' in key:
-            out[re.search(r'le="([^"]+)"', key).group(1)] = v
+        if key.startswith(f"{name}_bucket{{") and f'model="{model}"' in key:
+            le = re.search(r'le="([^"]+)"', key).group(1)
+            out[le] = out.get(le, 0.0) + v
     return out
 
 
@@ -286,10 +292,33 @@ class Sampler:
         self._thread.join(5)
 
     def cpu_means(self, t_from: float = 0.0, t_to: float = float("inf")) -> dict[str, float]:
-        """Mean CPU (% of one core) per process over samples with t in [t_from, t_to)."""
-        rows = [s for s in self.samples if t_from <= s["t"] < t_to] or self.samples
+        """Mean CPU (% of one core) per process over samples with t in [t_from, t_to).
+
+        An empty window gives an empty dict (and a log line), never the mean of other samples: a caller that
+        reports it shows "no samples" instead of another period's figures."""
+        rows = [s for s in self.samples if t_from <= s["t"] < t_to]
         if not rows:
+            log(f"Sampler: no CPU samples between t={t_from:.1f} and t={t_to:.1f} s "
+                f"({len(self.samples)} samples in all); CPU not reported for that window")
             return {}
         means = {role: sum(r["cpu"].get(role, 0.0) for r in rows) / len(rows) for role in rows[0]["cpu"]}
         means["machine"] = sum(r["machine_cpu"] for r in rows) / len(rows)
         return means
+
+
+# ---------------------------------------------------------------- CPU time per process
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """Role -> CPU seconds (user + system, every thread) the process has used since it started; a process that
+    is gone is left out."""
+    out = {}
+    for role, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            out[role] = t.user + t.system
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process spent between two `cpu_seconds` readings (roles present in both)."""
+    return {role: after[role] - before[role] for role in after if role in before}
