@@ -1,10 +1,12 @@
 """`make bench` and its parts: `python -m bench <scenario ...> [--quick] [--out DIR]`.
 
-Scenarios: raw, curve, mix, spike, cache (this module) and peer (bench/peer_mlserver.py, run by
-`make bench` into the same directory); `all` = raw curve mix spike cache; `report` only re-assembles
-report.md / report.json (the price section and the Targets table) from the JSON already in --out. curve, mix and spike
-share one platform (Redis, the three services with their cache off, the Envoy gateway) started on
-free loopback ports; raw runs in-process; cache starts its own fraud services. Progress lines go to
+Scenarios: raw, cost (bench/cost.py: CPU per request against the gRPC floor, the gateway's CPU per call),
+curve, mix, spike, cache, and peer
+(bench/peer_mlserver.py, run by `make bench` into the same directory); `all` = every one but peer;
+`report` only re-assembles report.md / report.json (the price section and the Targets table) from the
+JSON already in --out. cost, curve, mix and spike share one platform (Redis, the three
+services with their cache off, the Envoy gateway) started on free loopback ports; raw runs in-process;
+cache starts its own fraud services. Progress lines go to
 stdout. Output: --out, else $BENCH_OUT, else bench/results/<UTC timestamp>/.
 """
 
@@ -20,11 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import report, scenarios  # noqa: E402
+from bench import cost, report, scenarios  # noqa: E402
 from bench.stack import Stack, log  # noqa: E402
 
-ORDER = ("raw", "curve", "mix", "spike", "cache")
-NEEDS_STACK = {"curve", "mix", "spike"}
+ORDER = ("raw", "cost", "curve", "mix", "spike", "cache")
+NEEDS_STACK = {"cost", "curve", "mix", "spike"}
+
+
+SCENARIOS = {"cost": cost.cost, "curve": scenarios.curve, "mix": scenarios.mix, "spike": scenarios.spike}
+"""The scenarios run against the shared platform (`Stack`)."""
 
 
 def output_dir(arg: Path | None) -> Path:
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in stack_names:
                 waited = stack.wait_idle()
                 log(f"scenario {name}" + (f" (waited {waited:.0f} s for the queues to drain)" if waited >= 1 else ""))
-                getattr(scenarios, name)(out, stack, cfg)
+                SCENARIOS[name](out, stack, cfg)
     if "cache" in names:
         log("scenario cache")
         scenarios.cache(out, repo, cfg)
