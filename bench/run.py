@@ -1,10 +1,10 @@
 """`make bench` and its parts: `python -m bench <scenario ...> [--quick] [--out DIR]`.
 
 Scenarios: raw, cost (bench/cost.py: CPU per request against the gRPC floor, the gateway's CPU per call),
-curve, mix, spike, cache, and peer
+curve, mix, spike, overload (bench/overload.py: 2x / 4x capacity and a spike), cache, and peer
 (bench/peer_mlserver.py, run by `make bench` into the same directory); `all` = every one but peer;
 `report` only re-assembles report.md / report.json (the price section and the Targets table) from the
-JSON already in --out. cost, curve, mix and spike share one platform (Redis, the three
+JSON already in --out. cost, curve, mix, spike and overload share one platform (Redis, the three
 services with their cache off, the Envoy gateway) started on free loopback ports; raw runs in-process;
 cache starts its own fraud services. Progress lines go to
 stdout. Output: --out, else $BENCH_OUT, else bench/results/<UTC timestamp>/.
@@ -22,14 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import cost, report, scenarios  # noqa: E402
+from bench import cost, overload, report, scenarios  # noqa: E402
 from bench.stack import Stack, log  # noqa: E402
 
-ORDER = ("raw", "cost", "curve", "mix", "spike", "cache")
-NEEDS_STACK = {"cost", "curve", "mix", "spike"}
+ORDER = ("raw", "cost", "curve", "mix", "spike", "overload", "cache")
+NEEDS_STACK = {"cost", "curve", "mix", "spike", "overload"}
 
 
-SCENARIOS = {"cost": cost.cost, "curve": scenarios.curve, "mix": scenarios.mix, "spike": scenarios.spike}
+SCENARIOS = {"cost": cost.cost, "curve": scenarios.curve, "mix": scenarios.mix, "spike": scenarios.spike,
+             "overload": overload.overload}
 """The scenarios run against the shared platform (`Stack`)."""
 
 
