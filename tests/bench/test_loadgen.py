@@ -70,3 +70,51 @@ def test_open_loop_run_against_the_fraud_service(fraud_service, kind: str) -> No
     assert np.all(r.latency > 0) and 0 < s["p50_ms"] <= s["max_ms"]
     assert s["achieved_rps"] == pytest.approx(20.0, rel=0.05)  # by completion window: ends at the last answer
     assert r.generator_cpu_s > 0
+
+
+def test_rest_client_reads_lengths_chunks_limits_and_times_out() -> None:
+    """The generator's minimal HTTP/1.1 client against canned answers: Content-Length and chunked bodies on one
+    keep-alive connection, the gateway's rate limit told apart from a server's 429, 503, a silent server."""
+    import asyncio
+
+    from bench.loadgen import RATE_LIMITED, TIMEOUT, RestSender, Target
+
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n{\"a\r\n2\r\n\"}\r\n0\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\nx-ratelimit-remaining: 0\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy",
+        None,  # never answers
+    ]
+    seen: list[bytes] = []
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            seen.append(head + await reader.readexactly(length))
+            answer = answers[len(seen) - 1]
+            if answer is None:
+                await asyncio.sleep(5)
+                return
+            writer.write(answer)
+            await writer.drain()
+
+    async def main() -> list[str]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sender = RestSender(Target("fraud", "rest", f"127.0.0.1:{port}", ("tok",)), [[1.0, 2.0]], timeout_s=0.3)
+        await sender.open()
+        out = [await sender.send() for _ in answers]
+        await sender.close()
+        server.close()
+        return out
+
+    assert asyncio.run(main()) == ["ok", "ok", RATE_LIMITED, "http_429", "http_503", TIMEOUT]
+    assert connections == 1  # one keep-alive connection for every answered request
+    assert seen[0].startswith(b"POST /api/v1/fraud HTTP/1.1\r\n") and b"Authorization: Bearer tok\r\n" in seen[0]
+    assert seen[0].endswith(b'\r\n\r\n{"transaction": {"features": [1.0, 2.0]}}')
