@@ -36,6 +36,13 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+FUNCTIONAL_BUDGET_MS = "5000"
+"""Latency budget of the shared CPU-heavy services: functional tests send bursts (a batch of 64 texts, 32 images)
+that this 2-core machine clears in more than the production budget (sentiment 160 ms), so admission control
+would refuse part of them. Shedding has its own tests (tests/libs/test_admission.py, tests/generic/test_admission.py);
+the fraud service keeps its production budget."""
+
+
 @pytest.fixture(scope="session")
 def fraud_service(model_repository: Path, redis_server: RedisServer) -> Iterator[ServiceProcess]:
     """A fraud service with the Redis cache, shared by tests that do not stop it."""
@@ -54,6 +61,7 @@ def cnn_service(model_repository: Path) -> Iterator[ServiceProcess]:
     svc = ServiceProcess("cnn_service", "CNN_", env={
         "CNN_MODEL_REPOSITORY": str(model_repository),
         "CNN_CACHE_ENABLED": "false",
+        "CNN_LATENCY_BUDGET_MS": FUNCTIONAL_BUDGET_MS,
     }).start()
     yield svc
     svc.stop()
@@ -99,6 +107,7 @@ def sentiment_service(model_repository: Path) -> Iterator[ServiceProcess]:
     """A sentiment service (TorchScript on CPU, in-process cache), shared by tests that do not stop it."""
     svc = ServiceProcess("sentiment_service", "SENTIMENT_", env={
         "SENTIMENT_MODEL_REPOSITORY": str(model_repository),
+        "SENTIMENT_LATENCY_BUDGET_MS": FUNCTIONAL_BUDGET_MS,
     }).start(timeout=180)
     yield svc
     svc.stop()

@@ -91,6 +91,7 @@ def test_in_flight_requests_finish_during_drain(model_repository, fraud_rows, tm
     config_path = repo / "fraud" / "1" / "config.json"
     config = json.loads(config_path.read_text())
     config["batching"]["max_queue_delay_ms"] = 800.0  # requests sit in the queue when SIGTERM lands
+    del config["batching"]["latency_budget_ms"]  # (a budget must exceed the queue delay)
     config_path.write_text(json.dumps(config))
     svc = ServiceProcess("fraud_service", "FRAUD_", env={
         "FRAUD_MODEL_REPOSITORY": str(repo), "FRAUD_GRACE_PERIOD_S": "10", "FRAUD_CACHE_ENABLED": "false"}).start()

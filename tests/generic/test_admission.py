@@ -72,8 +72,9 @@ def scrape(port: int) -> dict[str, float]:
 
 async def offer(target: str, rows: np.ndarray, rate: float) -> list[tuple[str, float, dict[str, str]]]:
     """Send one OIP request per row at `rate` per second (open loop); (status, seconds, trailers) each."""
-    from inference import grpc_service_pb2 as pb
-    from inference import grpc_service_pb2_grpc as rpc
+    # tritonclient's stubs of the same protocol: its descriptors and ours cannot share one process
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as rpc
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.GRPCInferenceServiceStub(channel)
@@ -131,8 +132,9 @@ def test_overload_is_refused_fast_never_timed_out(slow_service: tuple[ServicePro
 
 
 def test_model_config_shows_the_queue_policy(slow_service: tuple[ServiceProcess, Path]) -> None:
-    from inference import grpc_service_pb2 as pb
-    from inference import grpc_service_pb2_grpc as rpc
+    # tritonclient's stubs of the same protocol: its descriptors and ours cannot share one process
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as rpc
 
     svc, _ = slow_service
     with grpc.insecure_channel(svc.target) as channel:

@@ -447,3 +447,30 @@ async def test_padded_batches_reach_the_runtime_at_allowed_sizes_and_answer_only
         np.testing.assert_array_equal(result.outputs["y"], expected(inputs))
     assert REGISTRY.get_sample_value("inference_batch_padding_rows_total",
                                      {"model": "model", "version": "1"}) >= batcher.stats.padding_rows
+
+
+async def test_cheap_batches_run_on_the_event_loop_and_costly_ones_on_a_thread():
+    """`inline_below_s`: calibration decides which batch sizes skip the thread hop."""
+    threads: list[str] = []
+
+    def infer(inputs):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.004 * len(inputs["x"]) if slow else 0)
+        return {"y": inputs["x"] * 2}
+
+    for slow in (False, True):
+        threads.clear()
+        b = DynamicBatcher(infer, max_batch_size=8, max_queue_delay_s=0.0, max_queue_size=100,
+                           inline_below_s=0.002)
+        await b.calibrate([{"x": np.ones((1, 1), np.float32)}, {"x": np.ones((8, 1), np.float32)}])
+        await b.start()
+        try:
+            threads.clear()
+            out = await b.submit({"x": np.full((1, 1), 3, np.float32)})
+        finally:
+            await b.stop()
+        assert out.outputs["y"][0, 0] == 6
+        if slow:
+            assert b.inline_max_rows == 0 and threads[0].startswith("infer-")
+        else:
+            assert b.inline_max_rows == 8 and threads == [threading.current_thread().name]

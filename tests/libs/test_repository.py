@@ -136,9 +136,12 @@ def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
         (_nested(("batching", "max_batch_size"), 0), "max_batch_size"),
         (_nested(("version",), 0), "version"),
         ({k: v for k, v in config().items() if k != "platform"}, "platform"),
+        (_nested(("batching", "latency_budget_ms"), 0.5), "latency_budget_ms (0.5) must exceed"),
+        (_nested(("batching", "latency_budget_ms"), -5), "latency_budget_ms"),
     ],
     ids=["unknown-key", "unknown-nested-key", "bad-datatype", "batch-dim-not-minus-1", "zero-dim", "no-inputs",
-         "warmup-above-max-batch", "preferred-below-1", "max-batch-0", "version-0", "missing-platform"],
+         "warmup-above-max-batch", "preferred-below-1", "max-batch-0", "version-0", "missing-platform",
+         "budget-under-queue-delay", "negative-budget"],
 )
 def test_invalid_config_names_the_problem(tmp_path, cfg, problem):
     add_version(tmp_path, "toy", 1, cfg)

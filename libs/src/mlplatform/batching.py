@@ -6,7 +6,9 @@ first request of a batch waits at most `max_queue_delay` for others, or less whe
 RESOURCE_EXHAUSTED), requests whose deadline passed while queued are dropped
 before inference, and an error in one request fails only that request: when a
 batch fails, its requests are retried one by one so each gets its own answer.
-Inference runs on a thread pool, off the event loop.
+Inference runs on a thread pool, off the event loop, except batches whose estimated run time
+is under `inline_below_s` (a fraud row: tens of microseconds), which run on the loop: there the
+hop to a thread and back would cost more CPU than the runtime call.
 
 Admission control (`mlplatform.admission`): a request whose estimated queue wait plus
 inference exceeds the sooner of its deadline and the model's latency budget is refused at
@@ -137,6 +139,7 @@ class DynamicBatcher:
         lengths_of: LengthsFn | None = None,
         group_overhead: int = 256,
         latency_budget_s: float | None = None,
+        inline_below_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1, max_queue_delay_s >= 0")
@@ -144,6 +147,12 @@ class DynamicBatcher:
             raise ValueError("latency_budget_s must be > 0 (None: no budget)")
         self.latency_budget_s = latency_budget_s
         """The model's latency budget (its SLO) in seconds; None: only the client's deadline bounds a request."""
+        self.inline_below_s = inline_below_s
+        """Batches estimated to run in less than this run on the event loop, not the thread pool: for a
+        runtime call of tens of microseconds, the hop to a thread and back costs several times the call."""
+        self.inline_max_rows = 0
+        """Largest batch run on the event loop, from `calibrate` (decided once, on the runtime's own
+        timing: live timings grow when other processes take the cores, exactly when CPU is scarcest)."""
         self.service_time = admission.ServiceTime()
         """Batch run time against rows, for admission estimates."""
         self._busy_until: dict[int, float] = {}  # running batch id -> estimated end (loop.time())
@@ -269,8 +278,13 @@ class DynamicBatcher:
                 times.append(time.perf_counter() - t0)
             self.service_time.add_prior(rows, sorted(times)[len(times) // 2])
         fixed, per_row = self.service_time.coefficients()
-        log.info("%s v%s: batch time ~ %.2f ms + %.3f ms/row (calibrated)", self._labels["model"],
-                 self._labels["version"], fixed * 1000, per_row * 1000)
+        self.inline_max_rows = 0
+        if self.inline_below_s > 0 and fixed < self.inline_below_s:
+            fits = int((self.inline_below_s - fixed) / per_row) if per_row > 0 else self.max_batch_size
+            self.inline_max_rows = min(self.max_batch_size, fits)
+        log.info("%s v%s: batch time ~ %.2f ms + %.3f ms/row (calibrated); batches of up to %d rows run on "
+                 "the event loop", self._labels["model"], self._labels["version"], fixed * 1000, per_row * 1000,
+                 self.inline_max_rows)
 
     # -- batching task ---------------------------------------------------------------
 
@@ -305,9 +319,17 @@ class DynamicBatcher:
             for n, group in enumerate(self._groups(batch)):
                 if n:  # the first group uses the slot acquired above
                     await self._slots.acquire()
+                rows = sum(r.rows for r in group)
+                if self._inline(rows):  # cheaper than the thread hop: run it here, no task either
+                    await self._execute(group, inline=True)
+                    continue
                 task = asyncio.create_task(self._execute(group))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
+
+    def _inline(self, rows: int) -> bool:
+        """Run a batch of `rows` on the event loop: at start-up, it took less than `inline_below_s`."""
+        return rows <= self.inline_max_rows
 
     def _groups(self, batch: list[_Request]) -> list[list[_Request]]:
         """The runtime calls for one taken batch: itself, or length groups (counting positions)."""
@@ -356,7 +378,7 @@ class DynamicBatcher:
         self._m_queue_depth.set(len(self._queue))
         return batch
 
-    async def _execute(self, batch: list[_Request]) -> None:
+    async def _execute(self, batch: list[_Request], inline: bool = False) -> None:
         assert self._slots is not None
         loop = asyncio.get_running_loop()
         rows = sum(r.rows for r in batch)
@@ -375,7 +397,10 @@ class DynamicBatcher:
         self._m_batch_size.observe(rows)
         try:
             inputs = batch[0].inputs if len(batch) == 1 else concat_inputs([r.inputs for r in batch])
-            outputs = await loop.run_in_executor(self._executor, self._run_checked, inputs, rows)
+            if inline:
+                outputs = self._run_checked(inputs, rows)
+            else:
+                outputs = await loop.run_in_executor(self._executor, self._run_checked, inputs, rows)
         except Exception as exc:  # isolate the bad request(s): run each on its own
             if len(batch) > 1:
                 log.warning("batch of %d requests failed (%s); retrying them one by one", len(batch), exc)

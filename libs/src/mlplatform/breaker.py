@@ -46,6 +46,7 @@ class Breaker:
         exclude: Iterable[type[BaseException]] = (),
     ) -> None:
         self.name = name
+        exclude = tuple(exclude)
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout_s,
@@ -58,6 +59,7 @@ class Breaker:
             throw_new_error_on_trip=False,
         )
         self._trial_in_flight = False
+        self._excluded = (asyncio.CancelledError, *exclude)
 
     @property
     def state(self) -> str:
@@ -66,6 +68,8 @@ class Breaker:
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Await `fn()` under the breaker; raise BreakerOpenError instead of calling when open."""
+        if self._cb.current_state == pybreaker.STATE_CLOSED:
+            return await self._call_closed(fn)
         # pybreaker's half-open state lets every call through; while awaited calls overlap,
         # only the first one after the reset timeout is the trial, the others are refused.
         trial = self._cb.current_state != pybreaker.STATE_CLOSED
@@ -82,3 +86,26 @@ class Breaker:
                         self._trial_in_flight = False
         except pybreaker.CircuitBreakerError as exc:
             raise BreakerOpenError(f"circuit breaker {self.name!r} is open") from exc
+
+    async def _call_closed(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """The hot path: no lock or context manager per call; an outcome is only reported to pybreaker
+        (through its public `call`) when it changes something: a failure, or a success after failures."""
+        try:
+            result = await fn()
+        except self._excluded:
+            raise
+        except Exception as exc:
+            if self._cb.current_state == pybreaker.STATE_CLOSED:  # else another call already tripped it
+                self._cb.call(_reraise, exc)  # counts the failure (and may trip); re-raises `exc`
+            raise
+        if self._cb.fail_counter:
+            self._cb.call(_no_op)  # a success resets the consecutive-failure count
+        return result
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _no_op() -> None:
+    return None

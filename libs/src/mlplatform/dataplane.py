@@ -125,6 +125,34 @@ class DataPlane:
             raise InvalidInputError(f"unknown requested output(s) {unknown}; model outputs: {sorted(known)}")
         return await predictor.predict(inputs, timeout_s=timeout_s)
 
+    async def infer_item(
+        self,
+        name: str,
+        version: str,
+        item: Item,
+        field: str,
+        parse: Callable[[Model, Item, str], Awaitable[Tensors]],
+        *,
+        problem_format: str = "{field}.{problem}",
+        version_field: str = "model_version",
+        timeout_s: float | None = None,
+    ) -> RowAnswer:
+        """`infer_rows` for one item, without its per-list bookkeeping (the typed `Predict` and stream
+        messages): the same checks in the same order; a bad item raises its ServingError."""
+        predictor = self.predictor(name, version, version_field)
+        model = predictor.model
+        row = await parse(model, item, field)
+        problem = _row_problem(model.inputs, row)
+        if problem:
+            raise InvalidInputError(_located(problem_format, field, problem))
+        inputs: Tensors = {s.name: row[s.name][np.newaxis] for s in model.inputs}
+        [problem] = model.validate_rows(inputs)
+        if problem:
+            raise InvalidInputError(_located(problem_format, field, problem))
+        prediction = await predictor.predict(inputs, timeout_s=timeout_s)
+        return RowAnswer({k: v[0] for k, v in prediction.outputs.items()},
+                         bool(prediction.cached[0]), bool(prediction.fallback[0]))
+
     async def infer_rows(
         self,
         name: str,

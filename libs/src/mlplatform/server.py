@@ -91,6 +91,7 @@ def build_predictor(model: Model, settings: ServiceSettings, cache: PredictionCa
         lengths_of=model.sequence_lengths if model.variable_length else None,
         group_overhead=cfg.length_group_overhead,
         latency_budget_s=(settings.latency_budget_ms or cfg.latency_budget_ms or 0) / 1000 or None,
+        inline_below_s=cfg.inline_below_ms / 1000,
     )
     breaker = Breaker(f"model-{model.name}", fail_max=settings.breaker_fail_max,
                       reset_timeout_s=settings.breaker_reset_s, exclude=NOT_MODEL_FAILURES)

@@ -120,13 +120,22 @@ class TypedServicer:
         return [a if isinstance(a, ServingError) else api.wrap(model, item, a, options)
                 for item, a in zip(items, answers, strict=True)]
 
+    async def _parse_one(self, model: Model, item: Message, field: str) -> Tensors:
+        off_loop = self.api.parse_off_loop
+        if off_loop and off_loop([item]):
+            return await asyncio.to_thread(self.api.parse, model, item, field)
+        return self.api.parse(model, item, field)
+
     async def _predict_one(self, request: Message, context: Context) -> Message:
-        field = self.api.item_field
+        api = self.api
+        field = api.item_field
         item = getattr(request, field) if field else request
-        [answer] = await self._answers(request, [item], [field or ""], False, context)
-        if isinstance(answer, ServingError):
-            raise answer
-        return answer
+        model = self.dataplane.model(self.model_name)
+        options = api.options(model, request)
+        answer = await self.dataplane.infer_item(
+            self.model_name, request.model_version, item, field or "", self._parse_one,
+            problem_format=api.problem_format, timeout_s=context.time_remaining())
+        return api.wrap(model, item, answer, options)
 
     def _error(self, index: int, err: ServingError) -> Message:
         return self._result(error=self.api.pb.ItemError(index=index, code=err.code.name, message=err.message))
