@@ -46,13 +46,14 @@ class Probe:
     model: str | None = None  # whose payloads to send (None: an empty Health/Check request)
     kind: str = "grpc"  # "grpc" (typed) or "oip"
     calls_factor: float = 1.0  # fraction of the configured calls (cnn is slower)
+    max_serial_calls: int | None = None  # at 1 in flight (cnn's batcher waits for batch-mates: ~25 ms a call)
 
 
 PROBES = (
     Probe("floor", "floor", HEALTH_CHECK),
     Probe("fraud", "fraud", "/fraud.v1.FraudService/Predict", "fraud"),
     Probe("fraud_oip", "fraud", "/inference.GRPCInferenceService/ModelInfer", "fraud", "oip"),
-    Probe("cnn", "cnn", "/cnn.v1.CnnService/Predict", "cnn", calls_factor=0.25),
+    Probe("cnn", "cnn", "/cnn.v1.CnnService/Predict", "cnn", calls_factor=0.25, max_serial_calls=500),
 )
 
 
@@ -94,18 +95,18 @@ async def _client(address: str, method: str, requests: list[bytes], calls: int, 
             await call(requests[i % len(requests)], timeout=10)
         conn.send("ready")
         conn.recv()
-        left, errors = calls, 0
+        left, errors = calls, {}
         t0, cpu0 = time.perf_counter(), time.process_time()
 
         async def worker(w: int) -> None:
-            nonlocal left, errors
+            nonlocal left
             i = w
             while left > 0:
                 left -= 1
                 try:
                     await call(requests[i % len(requests)], timeout=10)
-                except grpc.aio.AioRpcError:
-                    errors += 1
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name.lower()] = errors.get(e.code().name.lower(), 0) + 1
                 i += in_flight
 
         await asyncio.gather(*(worker(w) for w in range(in_flight)))
@@ -183,30 +184,43 @@ def nearest_batch(per_image: dict[int, float], mean_batch: float) -> int:
 
 # ---------------------------------------------------------------- the scenario
 
-def measure_probes(stack: Stack, floor: ServiceProcess, levels: tuple[tuple[int, int], ...]
+def idle_cpu(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Each process's CPU (fraction of a core) while nothing calls it: health checks, metrics, timers."""
+    before = cpu_seconds(pids)
+    time.sleep(seconds)
+    return {role: v / seconds for role, v in cpu_delta(before, cpu_seconds(pids)).items()}
+
+
+def measure_probes(stack: Stack, floor: ServiceProcess, levels: tuple[tuple[int, int], ...], idle_s: float
                    ) -> dict[str, dict[int, dict[str, Any]]]:
-    """Every probe at every (in flight, calls) level: server CPU ms per request and the client's figures."""
+    """Every probe at every (in flight, calls) level: server CPU ms per request (gross, and net of the process's
+    idle CPU over the same wall time) and the client's figures."""
     pids = {**stack.processes(), "floor": floor.proc.pid}
     address = {"floor": floor.target, **{m: s.target for m, s in stack.services.items()}}
     results: dict[str, dict[int, dict[str, Any]]] = {}
     ports = stack.metrics_ports()
+    idle = idle_cpu(pids, idle_s)
     for probe in PROBES:
         reqs = payloads(probe)
         for in_flight, calls in levels:
             n = max(in_flight * 10, int(calls * probe.calls_factor))
+            if in_flight == 1 and probe.max_serial_calls:
+                n = min(n, probe.max_serial_calls)
             before = scrape_all(ports)
             r = closed_loop(address[probe.role], probe.method, reqs, n, in_flight, pids)
             after = scrape_all(ports)
             cpu = r["server_cpu_s"].get(probe.role, 0.0)
             row = {"calls": n, "errors": r["errors"], "wall_s": r["wall_s"], "calls_per_s": n / r["wall_s"],
                    "server_cpu_s": cpu, "server_ms_per_call": 1000 * cpu / n,
+                   "idle_core_fraction": idle.get(probe.role, 0.0),
+                   "server_ms_per_call_net_of_idle": 1000 * (cpu - idle.get(probe.role, 0.0) * r["wall_s"]) / n,
                    "client_ms_per_call": 1000 * r["client_cpu_s"] / n}
             if probe.model:
                 row["mean_batch"] = observed(before, after, probe.model)["mean_batch"]
             results.setdefault(probe.name, {})[in_flight] = row
             log(f"cost {probe.name} at {in_flight} in flight: {n} calls, {row['calls_per_s']:.0f}/s, server CPU "
                 f"{row['server_ms_per_call']:.3f} ms per call, client {row['client_ms_per_call']:.3f} ms, "
-                f"errors {r['errors']}")
+                f"errors {r['errors'] or 0}")
     return results
 
 
@@ -241,7 +255,7 @@ def cost(out: Path, stack: Stack, cfg: Any) -> dict[str, Any]:
 
     floor = ServiceProcess("bench.floor_server", "FLOOR_").start(timeout=30)
     try:
-        probes = measure_probes(stack, floor, cfg.cost_levels)
+        probes = measure_probes(stack, floor, cfg.cost_levels, cfg.cost_idle_s)
     finally:
         floor.stop()
         if floor.log_path:
@@ -280,13 +294,18 @@ def cost(out: Path, stack: Stack, cfg: Any) -> dict[str, Any]:
           "the timed calls ÷ calls.", "",
           "| target | measured | goal | verdict |", "|---|---|---|---|"]
     md += [f"| {r['target']} | {r['measured']} | {r['goal']} | {verdicts.verdict_text(r['met'])} |" for r in rows]
-    md += ["", "| probe | in flight | calls | calls/s | server CPU ms/call | x floor | mean batch | client CPU ms/call "
-           "| errors |", "|---|---|---|---|---|---|---|---|---|"]
+    md += ["", "Idle CPU (nothing calling, % of a core) is measured first; \"net of idle\" subtracts it over each "
+           "probe's wall time (it matters at 1 in flight, where calls are far apart). The verdicts use the gross "
+           "figure.", "",
+           "| probe | in flight | calls | calls/s | server CPU ms/call | x floor | net of idle ms/call | idle % | "
+           "mean batch | client CPU ms/call | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, levels in probes.items():
         for k, r in levels.items():
             md.append(f"| {name} | {k} | {r['calls']} | {r['calls_per_s']:.0f} | {r['server_ms_per_call']:.3f} | "
-                      f"{fmt(r['x_floor'], 2)} | {fmt(r.get('mean_batch'))} | {r['client_ms_per_call']:.3f} | "
-                      f"{r['errors']} |")
+                      f"{fmt(r['x_floor'], 2)} | {r['server_ms_per_call_net_of_idle']:.3f} | "
+                      f"{100 * r['idle_core_fraction']:.1f} | {fmt(r.get('mean_batch'))} | "
+                      f"{r['client_ms_per_call']:.3f} | "
+                      f"{sum(r['errors'].values())} {r['errors'] or ''} |")
     md += ["", "cnn: the runtime alone (the service's model class in-process) costs "
            + ", ".join(f"{v:.3f} ms per image at batch {b}" for b, v in runtime.items())
            + "; overhead = the service's CPU per request - the runtime's per image at the batch size nearest the "

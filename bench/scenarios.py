@@ -66,6 +66,7 @@ class Config:
     mix_ramp_s: float = 8.0
     cost_levels: tuple[tuple[int, int], ...] = ((16, 20_000), (1, 5_000))  # (in flight, calls) per probe
     cost_runtime_s: float = 0.5
+    cost_idle_s: float = 2.0
     cost_gateway_rate: float = 500.0
     cost_gateway_s: float = 10.0
     overload_targets: tuple[tuple[str, str], ...] = (("sentiment", "rest"),)
@@ -99,7 +100,8 @@ class Config:
             spike=[Phase(2, 5), Phase(2, 40), Phase(2, 5)],
             cache_rate=40.0, cache_s=2.5, cache_modes=("redis", "off"), drain_s=0.2,
             mix_ramp=(20,), mix_ramp_s=1.5,
-            cost_levels=((16, 400), (1, 100)), cost_runtime_s=0.1, cost_gateway_rate=40.0, cost_gateway_s=1.5,
+            cost_levels=((16, 400), (1, 100)), cost_runtime_s=0.1, cost_idle_s=0.3, cost_gateway_rate=40.0,
+            cost_gateway_s=1.5,
             overload_ramp={"sentiment": [4, 8], "fraud": [20, 40], "cnn": [10, 20]}, overload_ramp_s=1.5,
             overload_s=2.0, overload_spike_s=(1.5, 1.5, 2.0))
 
