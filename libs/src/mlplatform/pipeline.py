@@ -61,6 +61,9 @@ class Predictor:
         if not self.model.ready:
             raise ModelNotReadyError(f"model {self.model.name} v{self.model.version} is not ready")
         rows = next(iter(inputs.values())).shape[0]
+        if self.cache is None:  # the hot path without a cache: no per-row bookkeeping
+            computed, used_fallback = await self._infer(inputs, timeout_s)
+            return Prediction(computed, np.zeros(rows, dtype=bool), np.full(rows, used_fallback))
         cached_rows: dict[int, Tensors] = {}
         keys: list[str] = []
         if self.cache is not None:

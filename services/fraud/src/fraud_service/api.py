@@ -18,7 +18,8 @@ from mlplatform.typed import TypedApi
 
 def parse(model: FraudModel, tx: pb.Transaction, field: str) -> Tensors:
     """One transaction's features as a float32 row (the data plane checks width, finiteness and ranges)."""
-    return {INPUT: np.asarray(tx.features, dtype=np.float32)}
+    features = tx.features
+    return {INPUT: np.fromiter(features, np.float32, len(features))}
 
 
 def wrap(model: FraudModel, tx: pb.Transaction, answer: RowAnswer, options: Any) -> pb.FraudPrediction:

@@ -43,6 +43,8 @@ class FraudModel(OnnxModel):
         self.feature_names = [f.name for f in self.features]
         self._lo = np.array([f.min for f in self.features], dtype=np.float32)
         self._hi = np.array([f.max for f in self.features], dtype=np.float32)
+        if not (np.isfinite(self._lo).all() and np.isfinite(self._hi).all()):
+            raise ValueError(f"fraud v{self.version} config: feature ranges must be finite")
 
     @property
     def n_features(self) -> int:
@@ -65,7 +67,8 @@ class FraudModel(OnnxModel):
 
     def validate_rows(self, inputs: Mapping[str, np.ndarray]) -> list[str | None]:
         x = inputs[INPUT]
-        ok = np.isfinite(x).all(axis=1) & ((x >= self._lo) & (x <= self._hi)).all(axis=1)
+        # NaN fails both comparisons and the bounds are finite, so the range check also refuses NaN and inf
+        ok = ((x >= self._lo) & (x <= self._hi)).all(axis=1)
         return [None if good else self.row_problem(x[i]) for i, good in enumerate(ok)]
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
