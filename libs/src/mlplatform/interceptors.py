@@ -35,6 +35,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, default_model: str, default_version: str) -> None:
         self.default = {"model": default_model, "version": default_version}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -45,6 +46,14 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(SKIPPED_PREFIXES):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:  # wrapped once per method, not per call
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         short = method.rsplit("/", 1)[-1]
         kwargs = {"request_deserializer": handler.request_deserializer,
                   "response_serializer": handler.response_serializer}
