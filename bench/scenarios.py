@@ -74,6 +74,7 @@ class Config:
         "fraud": [200, 400, 600, 800, 1000], "cnn": [50, 100, 200, 300, 450],
         "sentiment": [10, 20, 30, 45, 60, 90, 130]})
     overload_ramp_s: float = 5.0
+    overload_ramp_factors: tuple[float, ...] = (1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0)
     overload_s: float = 20.0
     overload_spike_s: tuple[float, float, float] = (10.0, 10.0, 15.0)
     overload_normal: float = 0.5
@@ -103,7 +104,7 @@ class Config:
             cost_levels=((16, 400), (1, 100)), cost_runtime_s=0.1, cost_idle_s=0.3, cost_gateway_rate=40.0,
             cost_gateway_s=1.5,
             overload_ramp={"sentiment": [4, 8], "fraud": [20, 40], "cnn": [10, 20]}, overload_ramp_s=1.5,
-            overload_s=2.0, overload_spike_s=(1.5, 1.5, 2.0))
+            overload_ramp_factors=(1.0, 1.5), overload_s=2.0, overload_spike_s=(1.5, 1.5, 2.0))
 
 
 def write(out: Path, name: str, data: dict[str, Any], md: list[str]) -> dict[str, Any]:

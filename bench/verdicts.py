@@ -100,23 +100,21 @@ def all_met(rows: list[dict[str, Any]]) -> bool:
 # ---------------------------------------------------------------- overload
 
 def recovery_s(timeline: list[dict[str, Any]], spike_end: float, normal_p99_ms: float | None,
-               bin_s: float) -> float | None:
-    """Seconds from the spike's end until latency is back to normal for good: the end of the last bin at or
-    after `spike_end` (bins by intended send time) whose p99 exceeds max(2 x the pre-spike p99, pre-spike p99
-    + 10 ms), minus `spike_end`; 0 when none does. None when the last bin of the schedule is still above
-    (never recovered) or there is no pre-spike figure."""
+               bin_s: float, hold_s: float = 2.0) -> float | None:
+    """Seconds from the spike's end until latency is back to normal: the start of the first stretch of bins (by
+    intended send time, at or after `spike_end`) whose p99 stays within max(2x the pre-spike p99, pre-spike p99
+    + 10 ms) for `hold_s` (or to the end of the schedule), minus `spike_end`. A later isolated slow bin does not
+    undo a recovery. None when latency never settles or there is no pre-spike figure."""
     if normal_p99_ms is None:
         return None
     limit = max(2 * normal_p99_ms, normal_p99_ms + 10.0)
     after = [b for b in timeline if b["t"] >= spike_end - 1e-9 and b["p99_ms"] is not None]
-    if not after:
-        return None
-    bad = [b for b in after if b["p99_ms"] > limit]
-    if not bad:
-        return 0.0
-    if bad[-1] is after[-1]:
-        return None
-    return bad[-1]["t"] + bin_s - spike_end
+    need = max(1, round(hold_s / bin_s))
+    for i in range(len(after)):
+        stretch = after[i:i + need]
+        if all(b["p99_ms"] <= limit for b in stretch):
+            return max(0.0, after[i]["t"] - spike_end)
+    return None
 
 
 def queue_wait_over(buckets_before: dict[str, float], buckets_after: dict[str, float],
