@@ -6,17 +6,22 @@ model-specific validation, pre/post-processing and fallbacks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mlplatform import metrics
 from mlplatform.config import ModelConfig
 from mlplatform.model import Model, Tensors
 from mlplatform.repository import ModelVersion
 from mlplatform.runtimes.onnx import OnnxRuntimeSession, resolve_provider_options
 from mlplatform.runtimes.torchscript import TorchScriptSession
+from mlplatform.variants import AUTO, VariantChoice, choose_variant, gpu_available
+
+log = logging.getLogger(__name__)
 
 
 def open_onnx_session(model: Model, path: Path, provider_options: Mapping[str, Mapping[str, Any]] | None,
@@ -73,14 +78,26 @@ class OnnxModel(Model):
 
 BACKENDS = ("torchscript", "onnxruntime")
 PLATFORM_BACKENDS = {"pytorch_libtorch": "torchscript", "onnxruntime_onnx": "onnxruntime"}
+BACKEND_PLATFORMS = {backend: platform for platform, backend in PLATFORM_BACKENDS.items()}
 
 
-def runtime_variant(config: ModelConfig, name: str | None = None) -> tuple[str, str, dict[str, Any]]:
-    """(variant name, backend, variant options) the config selects, or `name` overrides.
+def runtime_variant(config: ModelConfig, name: str | None = None, *,
+                    gpu: bool | None = None) -> tuple[str, str, dict[str, Any]]:
+    """(variant name, backend, variant options) the config selects, or `name` overrides (see `select_runtime`)."""
+    choice, backend, variant = select_runtime(config, name, gpu=gpu)
+    return choice.name, backend, variant
+
+
+def select_runtime(config: ModelConfig, name: str | None = None, *,
+                   gpu: bool | None = None) -> tuple[VariantChoice, str, dict[str, Any]]:
+    """The variant to serve (with why), its backend and its options.
 
     `runtime.options.variants` maps a variant name (e.g. "torchscript", "onnx", "onnx_int8") to
     {"backend": "torchscript" | "onnxruntime", "artifact": file, ...}; `runtime.options.variant`
-    picks one. Without variants the backend follows the platform and the artifact is `artifact`.
+    picks one, or `"auto"`: chosen from the hardware and the build's measurements
+    (`mlplatform.variants.choose_variant`; `gpu` says whether a GPU is present, None: detect it).
+    `name` overrides the config (it may be "auto" too). Without variants the backend follows the
+    platform and the artifact is `artifact`.
     """
     opts = config.runtime.options
     variants: dict[str, dict[str, Any]] = opts.get("variants") or {}
@@ -90,15 +107,21 @@ def runtime_variant(config: ModelConfig, name: str | None = None) -> tuple[str, 
             raise ValueError(f"platform {config.platform!r} has no runtime; known: {sorted(PLATFORM_BACKENDS)}")
         if name not in (None, "", backend):
             raise ValueError(f"runtime variant {name!r} is not in the config (no runtime.options.variants)")
-        return backend, backend, {"artifact": config.artifact}
-    chosen = name or opts.get("variant") or next(iter(variants))
-    if chosen not in variants:
-        raise ValueError(f"runtime variant {chosen!r} is not one of {sorted(variants)}")
-    variant = dict(variants[chosen])
+        return VariantChoice(backend, f"platform {config.platform}", "config"), backend, {"artifact": config.artifact}
+    requested = name or opts.get("variant") or next(iter(variants))
+    if requested == AUTO:
+        choice = choose_variant(variants, opts.get("auto"), gpu_available() if gpu is None else gpu)
+    elif name:
+        choice = VariantChoice(requested, "named by the service's runtime setting", "override")
+    else:
+        choice = VariantChoice(requested, "runtime.options.variant in config.json", "config")
+    if choice.name not in variants:
+        raise ValueError(f"runtime variant {choice.name!r} is not one of {sorted(variants)}")
+    variant = dict(variants[choice.name])
     if variant.get("backend") not in BACKENDS:
-        raise ValueError(f"runtime variant {chosen!r}: backend must be one of {BACKENDS}")
+        raise ValueError(f"runtime variant {choice.name!r}: backend must be one of {BACKENDS}")
     variant.setdefault("artifact", config.artifact)
-    return chosen, variant["backend"], variant
+    return choice, variant["backend"], variant
 
 
 class RuntimeModel(Model):
@@ -113,13 +136,24 @@ class RuntimeModel(Model):
 
     def __init__(self, version: ModelVersion, runtime: str | None = None) -> None:
         super().__init__(version)
-        self.runtime_name, self.backend, self.variant = runtime_variant(self.config, runtime)
+        self.variant_choice, self.backend, self.variant = select_runtime(self.config, runtime)
+        self.runtime_name = self.variant_choice.name
         self.runtime_path = version.path / self.variant["artifact"]
         if not self.runtime_path.is_file():
             raise ValueError(f"{self.name} v{self.version}: runtime {self.runtime_name!r} artifact "
                              f"{self.variant['artifact']!r} is missing")
         self.runtime_inputs: list[str] = list(self.variant.get("inputs") or [s.name for s in self.inputs])
         self.runtime_outputs: list[str] = list(self.variant.get("outputs") or [s.name for s in self.outputs])
+        # What clients see (OIP metadata and ModelConfig: platform, default_model_filename, parameters) is
+        # the variant actually served, not the config's default.
+        self.config = self.config.model_copy(update={
+            "platform": BACKEND_PLATFORMS[self.backend], "artifact": self.variant["artifact"],
+            "parameters": {**self.config.parameters, "runtime_variant": self.runtime_name,
+                           "runtime_variant_reason": self.variant_choice.reason,
+                           "runtime_variant_selection": self.variant_choice.selection},
+        })
+        log.info("%s v%s: runtime variant %s (%s: %s)", self.name, self.version, self.runtime_name,
+                 self.variant_choice.selection, self.variant_choice.reason)
 
     def _load(self) -> None:
         rt = self.config.runtime
@@ -143,6 +177,13 @@ class RuntimeModel(Model):
         if isinstance(self.session, TorchScriptSession):
             return [f"torchscript:{self.session.choice.device}:{self.session.precision}"]
         return self.session.providers
+
+    async def load(self) -> None:
+        """Load, then report the served variant (`inference_model_variant`)."""
+        await super().load()
+        metrics.MODEL_VARIANT.labels(model=self.name, version=self.version, variant=self.runtime_name,
+                                     backend=self.backend, device=self.device,
+                                     selection=self.variant_choice.selection).set(1)
 
     def run_runtime(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
         """Run the runtime on its own tensors (blocking)."""

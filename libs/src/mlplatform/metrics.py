@@ -53,6 +53,12 @@ MODEL_INFO = Gauge(
     "inference_model_info", "Served model: platform, device and the runtime providers actually in use",
     ["model", "version", "platform", "device", "providers"],
 )
+MODEL_VARIANT = Gauge(
+    "inference_model_variant",
+    "Runtime variant served (1): its backend and device, and how it was chosen: auto (hardware and build "
+    "measurements), config or override",
+    ["model", "version", "variant", "backend", "device", "selection"],
+)
 BATCH_POSITIONS = Counter(
     "inference_batch_sequence_positions_total",
     "Sequence positions in batches of variable-length inputs: real tokens, padded (computed), and unsplit "
