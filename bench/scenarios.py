@@ -5,10 +5,15 @@ directory and returns its JSON. `quick=True` is the smoke variant (a few seconds
 2 curve   each service via typed gRPC (direct) and REST through the gateway, rising open-loop rate
           until p99 breaks the SLO: p50/p95/p99, achieved rate, errors, observed batch sizes, CPU.
 3 mix     1000 req/s offered across the three models through the gateway (REST, ≥ 600 distinct
-          standard keys), 60 s: achieved rate, p99 per model against the SLOs, errors, CPU.
+          standard keys), 60 s: met / not met against issue 13's item 4, p99 per model (every request),
+          errors, each process's CPU per request against the cores; when not met, a ramp to the highest
+          rate meeting every SLO and the goodput at twice that rate.
 4 spike   10 → 1000 → 10 req/s (same mix and path): latency, queue depth, CPU and rejections over time.
 5 cache   fraud with 30 % repeated transactions: hit rate and latency with Redis, with the in-process
           cache (no Redis) and with the cache off.
+
+The other scenarios live in bench/cost.py (CPU per request against the gRPC floor) and bench/overload.py
+(2x / 4x capacity and a spike); the verdicts in bench/verdicts.py. `Config` sizes them all.
 """
 
 from __future__ import annotations
