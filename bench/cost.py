@@ -225,11 +225,13 @@ def measure_probes(stack: Stack, floor: ServiceProcess, levels: tuple[tuple[int,
 
 
 def gateway_cost(stack: Stack, rate: float, duration_s: float) -> dict[str, dict[str, Any]]:
-    """Fraud through Envoy at a steady open-loop `rate`, REST and typed gRPC: Envoy's and the service's CPU ms per
-    answered call, and the latency."""
+    """Fraud through Envoy at a steady open-loop `rate`, REST and typed gRPC, each after an unrecorded warm-up at
+    the same rate (2 s, other keys): Envoy's and the service's CPU ms per answered call, and the latency."""
     pids = stack.processes()
     out = {}
     for kind in ("rest", "grpc"):
+        warm = Target("fraud", kind, stack.gateway.target, tokens(keys_for(rate, 2.0), f"cost-warm-{kind}"))
+        loadgen.run([warm], [Phase(min(2.0, duration_s), rate)], processes=loadgen.worker_processes(rate))
         toks = tokens(keys_for(rate, duration_s), f"cost-{kind}")
         target = Target("fraud", kind, stack.gateway.target, toks)
         cpu0: dict[str, float] = {}

@@ -151,7 +151,8 @@ def overload(out: Path, stack: Stack, cfg: Any) -> dict[str, Any]:
             s = res.summary(slo_ms=slo)
             runs[f"{mult}x"] = {"offered_rps": mult * cap, "summary": s, "service": seen, "samples": samples,
                                 "timeline": res.timeline(BIN_S, slo), "generator_errors": res.errors}
-            rows += verdicts.overload_rows(f"{name} at {mult}x capacity", s, cap, seen["queue_wait_over_budget"], slo)
+            rows += verdicts.overload_rows(f"{name} at {mult}x capacity", s, cap, seen["queue_wait_over_budget"], slo,
+                                           capacity_lower_bound=r["capacity"]["lower_bound"])
             log(f"overload {name} {mult}x ({mult * cap:.0f}/s): goodput {s['goodput_rps']:.0f}/s, refused "
                 f"{s['refused']} (p99 {fmt(s['refusal_p99_ms'])} ms), timeouts {s['timeouts']}, p99 {fmt(s['p99_ms'])} "
                 f"ms, queue waits over budget {seen['queue_wait_over_budget']}")

@@ -53,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="price of one CPU core (vCPU) for an hour (default 0.05: on-demand general-purpose x86)")
     parser.add_argument("--gpu-hour-usd", type=float, default=float(os.environ.get("BENCH_GPU_HOUR_USD", "4.00")),
                         help="price of one H100 GPU for an hour (default 4.00)")
+    parser.add_argument("--overload-target", action="append", default=None, metavar="MODEL/PATH",
+                        help="what the overload scenario overloads (repeatable; default sentiment/rest; "
+                             "path grpc = typed gRPC straight to the service, rest = through the gateway)")
     args = parser.parse_args(argv)
     wanted = set(args.scenarios)
     names = [n for n in ORDER if "all" in wanted or n in wanted]
     out = output_dir(args.out)
     cfg = scenarios.Config.quick() if args.quick else scenarios.Config.full()
+    if args.overload_target:
+        cfg.overload_targets = tuple(tuple(t.split("/", 1)) for t in args.overload_target)  # type: ignore[assignment]
     repo = args.model_repository.resolve()
     log(f"bench {' '.join(names) or 'report'}{' (quick)' if args.quick else ''} -> {out}")
     t0 = time.monotonic()

@@ -208,6 +208,8 @@ def test_overload_rows() -> None:
     assert [r["met"] for r in rows] == [False, None, False, False]  # no refusals: nothing to time
     slow_refusals = result([0.05] * 90 + [0.5] * 10, ["ok"] * 90 + ["unavailable"] * 10).summary(slo_ms=200)
     assert verdicts.overload_rows("x", slow_refusals, 9.0, None, 200)[1]["met"] is False
+    unknown = verdicts.overload_rows("x", shed, 9.0, 0.0, 200, capacity_lower_bound=True)[0]
+    assert unknown["met"] is None and "≥ 9" in unknown["measured"] and "not judged" in unknown["goal"]
     spike = verdicts.overload_rows("spike", shed, 9.0, 0.0, 200, recovery=2.5, spike=True)
     assert spike[0]["target"] == "spike: refusals p99" and spike[-1]["met"] is False
 
