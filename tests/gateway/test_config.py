@@ -159,6 +159,10 @@ def test_streaming_routes_have_no_overall_timeout(files_dir):
     assert stream["timeout"] == "0s" and stream["idle_timeout"] == "300s"
     assert unary["timeout"] == "15s" and unary["retry_policy"]["per_try_timeout"] == "5s"
     assert "unavailable" in unary["retry_policy"]["retry_on"]
+    # Overload refusals are never retried (it would multiply the load on an overloaded service).
+    assert "resource-exhausted" not in unary["retry_policy"]["retry_on"]
+    # The deadline reaches the service: grpc-timeout rewritten per attempt (needs max_grpc_timeout, see the template).
+    assert unary["max_grpc_timeout"] == "15s" and "max_stream_duration" not in unary
 
 
 def test_replica_endpoints_and_tracing_overrides(files_dir):
@@ -257,3 +261,10 @@ def test_cli_renders_validates_and_prints_tokens(tmp_path):
     token = subprocess.run([sys.executable, "-m", "mlplatform_gateway", "--key-dir", str(tmp_path / "keys"),
                             "token", "--sub", "carol"], capture_output=True, text=True, timeout=30, check=True)
     assert jwt.decode(token.stdout.strip(), options={"verify_signature": False})["sub"] == "carol"
+
+
+def test_retry_after_of_a_rate_limited_request_follows_the_slowest_bucket():
+    rate_limit = {"tiers": {"standard": 100, "pro": 1000}, "unlisted_tier_requests_per_minute": 100, "methods": {}}
+    assert render.retry_after_s(rate_limit) == 1
+    rate_limit["methods"] = {"fraud.v1.FraudService/PredictBatch": {"standard": 20}}
+    assert render.retry_after_s(rate_limit) == 3

@@ -8,6 +8,7 @@ plain Envoy YAML, checked by Envoy itself with `validate`.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import subprocess
@@ -139,6 +140,14 @@ def tiers(values: dict[str, Any]) -> dict[str, int]:
     return {"standard": rate_limit["requests_per_minute"], **rate_limit["tiers"]}
 
 
+def retry_after_s(rate_limit: dict[str, Any]) -> int:
+    """The Retry-After of a rate-limited request: whole seconds until the slowest bucket (tiers, the unlisted
+    tiers' bucket, per-method overrides) has refilled one token. 100/min -> 1."""
+    per_minute = [*rate_limit["tiers"].values(), rate_limit["unlisted_tier_requests_per_minute"],
+                  *(n for tiers in (rate_limit.get("methods") or {}).values() for n in tiers.values())]
+    return max(1, math.ceil(60 / max(1, min(per_minute))))
+
+
 def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> str:
     """The Envoy YAML for `variant` with `overrides` applied."""
     values = load_values(variant, overrides)
@@ -148,6 +157,7 @@ def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> s
     if rate_limit.get("share_across_gateway_replicas") and not rate_limit.get("gateway_peers"):
         raise GatewayConfigError("rate_limit.share_across_gateway_replicas needs rate_limit.gateway_peers")
     rate_limit["tiers"] = tiers(values)
+    rate_limit["retry_after_s"] = retry_after_s(rate_limit)
     if rate_limit.get("global_service"):
         if rate_limit.get("methods"):
             raise GatewayConfigError("rate_limit.methods (per-method local buckets) cannot be combined with "
