@@ -41,10 +41,13 @@ def render_local(files_dir: Path, port: int, admin_port: int, endpoints: dict[st
     return render.render("local", render.deep_merge(base, overrides or {}))
 
 
-def envoy_command(config_path: Path, log_flush_ms: int = 1000) -> list[str]:
+def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int | None = None) -> list[str]:
     """Envoy's command line for a local process (no hot restart, so several can run side by side)."""
-    return [render.envoy_binary(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn",
-            "--file-flush-interval-msec", str(log_flush_ms)]
+    cmd = [render.envoy_binary(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn",
+           "--file-flush-interval-msec", str(log_flush_ms)]
+    if concurrency is not None:
+        cmd += ["--concurrency", str(concurrency)]
+    return cmd
 
 
 def admin_get(admin_port: int, path: str) -> str:
@@ -84,6 +87,7 @@ class GatewayProcess:
     overrides: dict = field(default_factory=dict)
     port: int = field(default_factory=_free_port)
     admin_port: int = field(default_factory=_free_port)
+    concurrency: int | None = None
     proc: subprocess.Popen | None = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gateway-")))
 
@@ -107,7 +111,7 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.config_path.write_text(self.render())
         log = (self.workdir / "envoy.log").open("w")
-        self.proc = subprocess.Popen(envoy_command(self.config_path, log_flush_ms=200),
+        self.proc = subprocess.Popen(envoy_command(self.config_path, log_flush_ms=200, concurrency=self.concurrency),
                                      stdout=log, stderr=subprocess.STDOUT)
         for cluster, hosts in self.endpoints.items():
             self.wait_healthy(len(hosts), timeout, cluster=cluster)
