@@ -162,8 +162,12 @@ def test_gateway_runs_the_rendered_config(rendered):
     for overlay in OVERLAYS:
         objects = rendered[overlay][1]
         pod = by_kind(objects, "Deployment")["gateway"]["spec"]["template"]["spec"]
-        # mlplatform_gateway.local.envoy_command on the mounted ConfigMap (the image's entrypoint is envoy)
-        assert pod["containers"][0]["args"] == envoy_command(Path("/etc/envoy/config/envoy.yaml"))[1:]
+        # mlplatform_gateway.local.envoy_command on the mounted ConfigMap (the image's entrypoint is envoy),
+        # one worker per core of the container's CPU limit (not of the node)
+        container = pod["containers"][0]
+        workers = int(float(str(container["resources"]["limits"]["cpu"]).removesuffix("m")) /
+                      (1000 if str(container["resources"]["limits"]["cpu"]).endswith("m") else 1))
+        assert container["args"] == envoy_command(Path("/etc/envoy/config/envoy.yaml"), concurrency=workers)[1:]
         cm_name = pod["volumes"][0]["configMap"]["name"]
         assert cm_name.startswith("gateway-envoy-")  # hashed: a config change rolls the gateway
         source = {"dev": "base/platform", "prod": "overlays/prod", "kserve": "overlays/kserve"}[overlay]
