@@ -33,12 +33,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplatform import admission, metrics
+from mlplatform import admission, metrics, runtime_threads
 from mlplatform.batch_shapes import concat_inputs, group_by_length, pad_rows
 from mlplatform.errors import (
     DeadlineExpiredError,
@@ -169,7 +168,7 @@ class DynamicBatcher:
         self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._max_concurrent = max_concurrent_batches
-        self._executor = ThreadPoolExecutor(max_concurrent_batches, thread_name_prefix=f"infer-{model}")
+        self._executor = runtime_threads.runtime_executor(max_concurrent_batches, f"infer-{model}")
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._labels = {"model": model, "version": version}

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from mlplatform import metrics
+from mlplatform import metrics, runtime_threads
 from mlplatform.config import ModelConfig
 from mlplatform.errors import InvalidInputError
 from mlplatform.repository import ModelVersion
@@ -98,7 +98,7 @@ class Model(ABC):
 
     async def load(self) -> None:
         """Load off the event loop."""
-        await asyncio.to_thread(self._load)
+        await asyncio.get_running_loop().run_in_executor(runtime_threads.LOADER, self._load)
         metrics.MODEL_INFO.labels(model=self.name, version=self.version, platform=self.config.platform,
                                   device=self.device, providers=",".join(self.providers)).set(1)
         log.info("loaded %s v%s from %s on %s %s", self.name, self.version, self.model_version.artifact_path,
@@ -112,7 +112,7 @@ class Model(ABC):
         for batch_size in sizes:
             inputs = self.warmup_inputs(batch_size)
             for _ in range(n):
-                outputs = await asyncio.to_thread(self.infer, inputs)
+                outputs = await asyncio.get_running_loop().run_in_executor(runtime_threads.LOADER, self.infer, inputs)
                 self.check_outputs(outputs, batch_size)
         self.ready = True
         metrics.MODEL_READY.labels(model=self.name, version=self.version).set(1)
