@@ -1,4 +1,5 @@
-"""Sentiment fixtures: the eager PyTorch model of the built version (the reference), held-out texts, stubs.
+"""Sentiment fixtures: the eager PyTorch model of the built version, the variant a service serves on this machine
+(run in-process: the reference for the service's answers), held-out texts, stubs.
 
 The gateway fixtures are the gateway tests' own (one Envoy in front of every service).
 """
@@ -17,7 +18,8 @@ from sentiment.v1 import sentiment_pb2_grpc as rpc
 from tests.gateway.conftest import gateway, gateway_channel, signing_key, token  # noqa: F401  (fixtures)
 from tests.support.procs import ServiceProcess
 
-# Served FP32 TorchScript vs the eager model: same operators, different batch composition and padding.
+# Served answers vs the same runtime variant run in-process on each text alone: the served variant is
+# batch-invariant (the build's rule), so only batch composition and padding differ.
 TOLERANCE = 1e-4
 
 
@@ -53,6 +55,31 @@ def eager(sentiment_version: Path) -> Callable[[Sequence[str]], np.ndarray]:
                 enc = encoder.encode([text])
                 out.append(net(torch.from_numpy(enc.input_ids), torch.from_numpy(enc.attention_mask)).numpy()[0])
         return np.stack(out)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def served_variant(sentiment_version: Path) -> str:
+    """The runtime variant a sentiment service on this machine serves (`auto`: hardware and build measurements)."""
+    from mlplatform.backends import runtime_variant
+    from mlplatform.config import load_config
+
+    return runtime_variant(load_config(sentiment_version / "config.json"))[0]
+
+
+@pytest.fixture(scope="session")
+def served(model_repository: Path) -> Callable[[Sequence[str]], np.ndarray]:
+    """The served variant run in-process by the service's model class, each text alone: texts -> probabilities."""
+    from mlplatform.repository import ModelRepository
+    from sentiment_service.model import SentimentModel
+
+    model = SentimentModel(ModelRepository(model_repository).resolve("sentiment"))
+    model._load()
+
+    def run(texts: Sequence[str]) -> np.ndarray:
+        return np.stack([model.infer({"text": np.array([t.encode()], dtype=object)})["probabilities"][0]
+                         for t in texts])
 
     return run
 

@@ -16,12 +16,14 @@ from sentiment_service.model import SentimentModel
 from sentiment_service.network import load_network
 from sentiment_service.text import TextEncoder
 
+CPU_VARIANTS = ["torchscript", "onnx", "onnx_fused", "onnx_int8", "onnx_int8_pc", "onnx_fused_int8", "onnx_int8_static"]
+
 
 def test_data_set_is_balanced_with_a_held_out_split_never_trained_on():
     examples = build_model.load_examples()
     train = [e for e in examples if e.split == "train"]
     test = [e for e in examples if e.split == "test"]
-    assert len(examples) >= 600 and len(test) >= 120
+    assert len(test) >= 500 and len(train) >= 500
     for part in (train, test):
         assert abs(sum(e.label for e in part) - len(part) / 2) <= 1
     assert not {e.text for e in train} & {e.text for e in test}
@@ -33,11 +35,12 @@ def test_version_records_accuracy_runtimes_and_tokenizer(model_repository):
     assert cfg.platform == "pytorch_libtorch" and cfg.artifact == build_model.TORCHSCRIPT
     metrics = cfg.parameters["metrics"]
     assert metrics["held_out_accuracy"] >= 0.85
-    assert set(metrics["runtimes"]) == {"torchscript", "onnx", "onnx_int8"}
-    for name in ("torchscript", "onnx"):
+    assert set(metrics["runtimes"]) == set(CPU_VARIANTS)
+    for name in build_model.EXACT:
         assert metrics["runtimes"][name]["max_abs_diff_vs_eager"] <= build_model.PARITY_TOLERANCE
         assert metrics["runtimes"][name]["accuracy"] == metrics["held_out_accuracy"]
-    assert metrics["runtimes"]["onnx_int8"]["accuracy"] >= 0.85
+    for name in set(CPU_VARIANTS) - set(build_model.EXACT):
+        assert metrics["runtimes"][name]["accuracy"] >= 0.85
     assert cfg.parameters["max_sequence_length"] == 128
     for variant in cfg.runtime.options["variants"].values():
         assert (version.path / variant["artifact"]).is_file()
@@ -68,7 +71,7 @@ def test_padding_does_not_change_a_text_s_answer(sentiment_version):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("runtime", ["onnx", "onnx_int8", "torchscript"])
+@pytest.mark.parametrize("runtime", CPU_VARIANTS)
 def test_config_selects_the_runtime_and_each_answers_like_the_eager_model(model_repository, eager, runtime):
     version = ModelRepository(model_repository).resolve("sentiment")
     model = SentimentModel(version, runtime)
@@ -77,7 +80,7 @@ def test_config_selects_the_runtime_and_each_answers_like_the_eager_model(model_
     arr = np.array([t.encode() for t in texts], dtype=object)
     out = model.infer({"text": arr})
     want = eager(texts)
-    if runtime == "onnx_int8":  # approximate: clear cases keep their label, probabilities move a little
+    if runtime not in build_model.EXACT:  # INT8 is approximate: clear cases keep their label, probabilities move
         confident = np.abs(want[:, 1] - 0.5) > 0.3
         assert confident.sum() >= 2
         assert (out["probabilities"][confident].argmax(1) == want[confident].argmax(1)).all()

@@ -21,13 +21,13 @@ def rest_probs(prediction: dict) -> list[float]:
     return [p["probability"] for p in prediction["probabilities"]]
 
 
-def test_rest_predict_and_batch_equal_the_eager_model(gateway, token, eager):
+def test_rest_predict_and_batch_equal_the_served_variant(gateway, token, served):
     tok = token(tier="internal")
     text = "The concert was breathtaking and the crowd was fantastic."
     resp = post(gateway, "/api/v1/sentiment", {"text": text}, token=tok)
     assert resp.status == 200, resp.body
     prediction = resp.json()["prediction"]
-    want = eager([text])[0]
+    want = served([text])[0]
     np.testing.assert_allclose(rest_probs(prediction), want, atol=TOLERANCE)
     assert prediction["label"] == LABELS[int(np.argmax(want))] and prediction["model_name"] == "sentiment"
 
@@ -36,15 +36,15 @@ def test_rest_predict_and_batch_equal_the_eager_model(gateway, token, eager):
     assert resp.status == 200, resp.body
     body = resp.json()
     assert body["model_version"] == "1"
-    for result, w in zip(body["results"], eager(texts), strict=True):
+    for result, w in zip(body["results"], served(texts), strict=True):
         np.testing.assert_allclose(rest_probs(result["prediction"]), w, atol=TOLERANCE)
 
 
-def test_grpc_through_the_gateway_equals_the_eager_model(gateway_channel, token, eager):
+def test_grpc_through_the_gateway_equals_the_served_variant(gateway_channel, token, served):
     stub = rpc.SentimentServiceStub(gateway_channel)
     md = bearer(token(tier="internal"))
     texts = ["Friendly staff and spotless rooms.", "The update wiped my settings, furious."]
-    want = eager(texts)
+    want = served(texts)
     prediction = stub.Predict(pb.PredictRequest(text=texts[0]), metadata=md, timeout=30).prediction
     np.testing.assert_allclose([p.probability for p in prediction.probabilities], want[0], atol=TOLERANCE)
     batch = stub.PredictBatch(pb.PredictBatchRequest(texts=texts), metadata=md, timeout=30)
@@ -55,7 +55,8 @@ def test_grpc_through_the_gateway_equals_the_eager_model(gateway_channel, token,
         np.testing.assert_allclose([p.probability for p in result.prediction.probabilities], w, atol=TOLERANCE)
 
 
-def test_held_out_accuracy_through_the_gateway_matches_the_build(gateway, token, held_out, sentiment_config):
+def test_held_out_accuracy_through_the_gateway_matches_the_build(gateway, token, held_out, sentiment_config,
+                                                                  served_variant):
     texts, labels = held_out
     tok = token(tier="internal")
     predicted: list[str] = []
@@ -64,9 +65,10 @@ def test_held_out_accuracy_through_the_gateway_matches_the_build(gateway, token,
         assert resp.status == 200, resp.body
         predicted += [r["prediction"]["label"] for r in resp.json()["results"]]
     accuracy = float(np.mean([p == y for p, y in zip(predicted, labels, strict=True)]))
-    recorded = sentiment_config["parameters"]["metrics"]["held_out_accuracy"]
-    assert accuracy == pytest.approx(recorded, abs=1e-6)
-    assert accuracy >= 0.85
+    recorded = sentiment_config["runtime"]["options"]["variants"][served_variant]["measured"]["accuracy"]
+    fp32 = sentiment_config["parameters"]["metrics"]["held_out_accuracy"]
+    assert accuracy == pytest.approx(recorded, abs=1e-6)  # batch-invariant: served batches change nothing
+    assert accuracy >= fp32 - 0.01 and accuracy >= 0.85
 
 
 @pytest.mark.parametrize(("path", "body", "message"), [

@@ -1,4 +1,5 @@
-"""sentiment.v1 over gRPC, straight to the service: answers equal the eager PyTorch model; bad input is named."""
+"""sentiment.v1 over gRPC, straight to the service: answers equal the served runtime variant run in-process;
+bad input is named."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def check(prediction: pb.SentimentPrediction, expected: np.ndarray) -> None:
     assert prediction.model_name == "sentiment" and prediction.model_version == "1"
 
 
-def test_predict_equals_the_eager_model(sentiment_stub, eager):
-    expected = eager(TEXTS)
+def test_predict_equals_the_served_variant(sentiment_stub, served):
+    expected = served(TEXTS)
     for text, want in zip(TEXTS, expected, strict=True):
         prediction = sentiment_stub.Predict(pb.PredictRequest(text=text), timeout=30).prediction
         check(prediction, want)
@@ -43,27 +44,27 @@ def test_predict_equals_the_eager_model(sentiment_stub, eager):
     assert expected[:3].argmax(axis=1).tolist() == [1, 0, 1]  # clear cases, negation included
 
 
-def test_predict_batch_equals_the_eager_model_and_keeps_order(sentiment_stub, eager):
+def test_predict_batch_equals_the_served_variant_and_keeps_order(sentiment_stub, served):
     texts = [*TEXTS, "Quick delivery, lovely packaging, five stars from me."]
     response = sentiment_stub.PredictBatch(pb.PredictBatchRequest(texts=texts), timeout=30)
     assert response.model_name == "sentiment" and response.model_version == "1"
-    for result, want in zip(response.results, eager(texts), strict=True):
+    for result, want in zip(response.results, served(texts), strict=True):
         check(result.prediction, want)
 
 
-def test_stream_predict_equals_the_eager_model_in_order(sentiment_stub, eager):
+def test_stream_predict_equals_the_served_variant_in_order(sentiment_stub, served):
     texts = [f"{t} (stream {i})" for i, t in enumerate(TEXTS * 3)]
     results = list(sentiment_stub.StreamPredict(iter([pb.PredictRequest(text=t) for t in texts]), timeout=60))
     assert len(results) == len(texts)
-    for result, want in zip(results, eager(texts), strict=True):
+    for result, want in zip(results, served(texts), strict=True):
         check(result.prediction, want)
 
 
-def test_over_long_text_is_truncated_and_says_so(sentiment_stub, eager):
+def test_over_long_text_is_truncated_and_says_so(sentiment_stub, served):
     text = long_text(200)
     prediction = sentiment_stub.Predict(pb.PredictRequest(text=text), timeout=30).prediction
     assert prediction.truncated and prediction.tokens == 128
-    check(prediction, eager([text])[0])  # the eager reference truncates the same way
+    check(prediction, served([text])[0])  # the reference truncates the same way
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -86,7 +87,7 @@ def test_empty_and_oversized_batches_are_invalid_argument(sentiment_stub):
     assert err.details() == "texts: 33 items, at most 32 per batch"
 
 
-def test_one_bad_text_does_not_fail_the_batch(sentiment_stub, eager):
+def test_one_bad_text_does_not_fail_the_batch(sentiment_stub, served):
     texts = ["Lovely little cafe with great coffee.", "   ", "Dreadful service, cold food.", "y" * 5000]
     response = sentiment_stub.PredictBatch(pb.PredictBatchRequest(texts=texts), timeout=30)
     kinds = [r.WhichOneof("outcome") for r in response.results]
@@ -94,7 +95,7 @@ def test_one_bad_text_does_not_fail_the_batch(sentiment_stub, eager):
     assert response.results[1].error.index == 1 and response.results[1].error.code == "INVALID_ARGUMENT"
     assert response.results[1].error.message == "texts[1]: text is empty or only whitespace"
     assert response.results[3].error.message == "texts[3]: text has 5000 characters, at most 4096 are allowed"
-    want = eager([texts[0], texts[2]])
+    want = served([texts[0], texts[2]])
     check(response.results[0].prediction, want[0])
     check(response.results[2].prediction, want[1])
 

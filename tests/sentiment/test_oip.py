@@ -8,6 +8,8 @@ import tritonclient.grpc as tc
 from sentiment.v1 import sentiment_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
+from tests.support.metrics import scrape
+
 pytestmark = pytest.mark.integration
 
 
@@ -25,9 +27,10 @@ def _texts(texts: list[str]) -> tc.InferInput:
     return inp
 
 
-def test_metadata_declares_a_bytes_text_input(client):
+def test_metadata_declares_a_bytes_text_input(client, served_variant, sentiment_config):
     meta = client.get_model_metadata("sentiment", as_json=True)
-    assert meta["platform"] == "pytorch_libtorch"
+    backend = sentiment_config["runtime"]["options"]["variants"][served_variant]["backend"]
+    assert meta["platform"] == {"torchscript": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx"}[backend]
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
     assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
         "probabilities": "FP32", "label": "INT64", "truncated": "BOOL", "tokens": "INT32"}
@@ -61,3 +64,18 @@ def test_empty_text_in_a_bytes_tensor_is_invalid_argument(client):
         client.infer("sentiment", [_texts(["fine", "  "])])
     assert exc.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "row 1: text is empty or only whitespace" in exc.value.message()
+
+
+def test_the_served_variant_is_visible_in_model_config_and_metrics(client, sentiment_service, served_variant,
+                                                                   sentiment_config):
+    """The variant chosen at load: ModelConfig's default_model_filename and instance kind, and a gauge."""
+    variant = sentiment_config["runtime"]["options"]["variants"][served_variant]
+    config = client.get_model_config("sentiment", as_json=True)["config"]
+    assert config["default_model_filename"] == variant["artifact"]
+    assert config["instance_group"][0]["kind"] == ("KIND_GPU" if variant["target"] == "gpu" else "KIND_CPU")
+    samples = scrape(sentiment_service.metrics_port)
+    served = {dict(labels)["variant"]: (value, dict(labels)) for (name, labels), value in samples.items()
+              if name == "inference_model_variant" and dict(labels)["model"] == "sentiment"}
+    assert list(served) == [served_variant]
+    value, labels = served[served_variant]
+    assert value == 1 and labels["selection"] == "auto" and labels["backend"] == variant["backend"]
