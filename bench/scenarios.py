@@ -170,12 +170,15 @@ def raw(out: Path, repository: Path, cfg: Config) -> dict[str, Any]:
                             "rows_per_core_s": b / cpu_per_call if cpu_per_call > 0 else None}
             log(f"raw {name} batch {b}: p50 {p50:.3f} ms, {rows[str(b)]['rows_per_s']:.0f} rows/s")
         results[name] = {"providers": list(getattr(model, "providers", [])),
+                         "variant": getattr(model, "runtime_name", None),  # runtime variant served (sentiment: auto)
                          "threads": model.config.runtime.intra_op_threads, "batches": rows}
     md = ["## 1. Raw runtime baseline (in-process)", "",
           "The service's own model class called directly (pre/post-processing included: sentiment "
           "tokenises, cnn takes pixel tensors), its config's thread count, no gRPC, no batcher. "
           "rows/s = batch / p50; CPU ms per call = process CPU time / calls (all runtime threads); rows per "
-          "core-second = batch / CPU per call. This is the ceiling the served numbers are compared with.", "",
+          "core-second = batch / CPU per call. This is the ceiling the served numbers are compared with. "
+          "Runtime variants served: " + ", ".join(f"{n} `{r['variant']}`" for n, r in results.items()
+                                                  if r["variant"]) + ".", "",
           "| model | threads | batch | p50 ms | p99 ms | rows/s | CPU ms/call | rows/core-s | calls |",
           "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
