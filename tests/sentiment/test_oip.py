@@ -73,6 +73,9 @@ def test_the_served_variant_is_visible_in_model_config_and_metrics(client, senti
     config = client.get_model_config("sentiment", as_json=True)["config"]
     assert config["default_model_filename"] == variant["artifact"]
     assert config["instance_group"][0]["kind"] == ("KIND_GPU" if variant["target"] == "gpu" else "KIND_CPU")
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert params["runtime_variant"] == served_variant and params["runtime_variant_selection"] == "auto"
+    assert params["runtime_variant_reason"]  # why it was chosen, as logged
     samples = scrape(sentiment_service.metrics_port)
     served = {dict(labels)["variant"]: (value, dict(labels)) for (name, labels), value in samples.items()
               if name == "inference_model_variant" and dict(labels)["model"] == "sentiment"}

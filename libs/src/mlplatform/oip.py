@@ -163,6 +163,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 count=batching.max_concurrent_batches,
             )],
             default_model_filename=cfg.artifact,
+            parameters={k: mc.ModelParameter(string_value=str(v)) for k, v in cfg.parameters.items()
+                        if k in CONFIG_PARAMETERS},
         ))
 
     @abort_on_serving_error
@@ -212,6 +214,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 response.raw_output_contents.append(encode_tensor(arr))
         return response
+
+
+CONFIG_PARAMETERS = ("runtime_variant", "runtime_variant_reason", "runtime_variant_selection")
+"""Model config parameters shown in `ModelConfig.parameters` (the runtime variant served and why)."""
 
 
 def _json_client(context: Context) -> bool:
