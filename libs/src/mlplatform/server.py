@@ -14,9 +14,11 @@ model service does): each gets its own batcher and breaker, they share the cache
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -172,6 +174,7 @@ class ModelServer:
                  self.port, self.cache.backend if self.cache is not None else "off")
         for model in self.models:
             await self._load(model)
+        freeze_heap()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("%s: serving %s (SERVING)", self.spec.name,
                  ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.models))
@@ -214,6 +217,18 @@ class ModelServer:
             await self.cache.close()
         tracing.shutdown_tracing()
         log.info("%s: stopped", self.spec.name)
+
+
+def freeze_heap() -> None:
+    """Move everything alive after start-up (modules, runtimes, models) out of the garbage collector's
+    reach. A full collection walks every tracked object: 40-50 ms with a model loaded, a stall of the
+    event loop every few thousand requests, longer than fraud's whole latency budget. Frozen, the
+    periodic collections only walk what requests allocated (`gc.freeze`)."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.info("froze %d start-up objects out of the garbage collector's scans (%.0f ms)", gc.get_freeze_count(),
+             (time.perf_counter() - started) * 1000)
 
 
 def configure_logging(level: str) -> None:
