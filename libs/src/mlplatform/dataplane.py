@@ -141,6 +141,7 @@ class DataPlane:
         messages): the same checks in the same order; a bad item raises its ServingError."""
         predictor = self.predictor(name, version, version_field)
         model = predictor.model
+        predictor.admit(1, timeout_s)
         row = await parse(model, item, field)
         problem = _row_problem(model.inputs, row)
         if problem:
@@ -180,6 +181,7 @@ class DataPlane:
         model = predictor.model
         if batch_field is not None:
             check_rows(len(items), model.max_batch_size, batch_field)
+        predictor.admit(len(items), timeout_s)
         rows = await parse(model, items, fields)
         answers: list[RowAnswer | ServingError | None] = [None] * len(rows)
         good: list[int] = []

@@ -186,7 +186,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None,
                      json_client: bool = False) -> pb.ModelInferResponse:
-        model = self.dataplane.model(request.model_name, request.model_version)  # NOT_FOUND before decoding anything
+        predictor = self.dataplane.predictor(request.model_name, request.model_version)  # NOT_FOUND first
+        model = predictor.model
+        predictor.admit(1, timeout_s)  # an overloaded model refuses before decoding anything
         if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInputError(f"{len(request.raw_input_contents)} raw_input_contents for "
                                     f"{len(request.inputs)} inputs")

@@ -56,6 +56,14 @@ class Predictor:
         self.breaker = breaker
         self.cache = cache
 
+    def admit(self, rows: int, timeout_s: float | None) -> None:
+        """Refuse at once (RESOURCE_EXHAUSTED) a request the model could not serve in time; called before
+        parsing, so an overloaded model spends no CPU on what it refuses. A would-be cache hit is refused
+        too: its key needs the parsed input."""
+        if not self.model.ready:
+            raise ModelNotReadyError(f"model {self.model.name} v{self.model.version} is not ready")
+        self.batcher.admit(rows, timeout_s)
+
     async def predict(self, inputs: Tensors, *, timeout_s: float | None = None) -> Prediction:
         """Predict N rows. Raises ServingError subclasses (queue full, deadline, model unavailable)."""
         if not self.model.ready:
