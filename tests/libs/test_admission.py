@@ -226,3 +226,42 @@ async def test_no_budget_and_no_deadline_queues_as_before() -> None:
         await b.stop()
     assert [float(o.outputs["y"][0, 0]) for o in outs] == [2.0 * i for i in range(10)]
     assert b.stats.rejected == 0
+
+
+def test_wait_correction_learns_how_far_real_waits_run_over() -> None:
+    wc = admission.WaitCorrection(alpha=0.5)
+    assert wc.factor == 1.0
+    for _ in range(20):
+        wc.observe(0.010, 0.020)  # real waits twice the estimate (e.g. batches split into length groups)
+    assert wc.factor == pytest.approx(2.0, rel=1e-3)
+    wc.observe(0.0005, 1.0)  # estimates too small to compare are skipped
+    assert wc.factor == pytest.approx(2.0, rel=1e-3)
+    for _ in range(40):
+        wc.observe(0.010, 0.001)  # shorter than estimated: never below 1 (the fit stays the floor)
+    assert wc.factor == 1.0
+    for _ in range(40):
+        wc.observe(0.010, 1.0)
+    assert wc.factor == wc.max_factor  # bounded
+
+
+async def test_batcher_learns_to_refuse_earlier_when_waits_overrun_estimates() -> None:
+    b = DynamicBatcher(slow_double(0.002, 0.003), max_batch_size=8, max_queue_delay_s=0.001,
+                       max_queue_size=10_000, model="slow", latency_budget_s=0.060)
+    await b.calibrate([{"x": np.ones((1, 1), np.float32)}, {"x": np.ones((8, 1), np.float32)}])
+    b.service_time = ServiceTime()  # a fit that underestimates 10x (as if every batch ran in 10 groups)
+    b.service_time.add_prior(1, 0.0005)
+    b.service_time.add_prior(8, 0.0019)
+    await b.start()
+    try:
+        async def one() -> str:
+            try:
+                await b.submit({"x": np.ones((1, 1), np.float32)}, timeout_s=5.0)
+                return "ok"
+            except OverloadedError:
+                return "refused"
+
+        for _ in range(6):  # waves of overload: the correction grows from what the admitted ones waited
+            await asyncio.gather(*(one() for _ in range(60)))
+    finally:
+        await b.stop()
+    assert b.wait_correction.factor > 2

@@ -133,6 +133,31 @@ def estimate(state: QueueState, service: ServiceTime, rows: int) -> Estimate:
     return Estimate(wait, service.predict(partial + rows))
 
 
+class WaitCorrection:
+    """How far real queue waits run over their estimates, learnt from admitted requests.
+
+    The fit knows one runtime call per batch; a model that splits a batch into length groups, or a
+    runtime slowed by other processes, waits longer than estimated. Each admitted request's actual
+    wait over its estimate (estimates under `min_estimate_s` skipped) feeds an exponentially weighted
+    mean; `factor` (at least 1, at most `max_factor`) scales the next estimates.
+    """
+
+    def __init__(self, *, alpha: float = 0.05, min_estimate_s: float = 0.002, max_factor: float = 4.0) -> None:
+        self.alpha = alpha
+        self.min_estimate_s = min_estimate_s
+        self.max_factor = max_factor
+        self._ratio = 1.0
+
+    def observe(self, estimated_s: float, actual_s: float) -> None:
+        """One admitted request waited `actual_s` where `estimated_s` was expected."""
+        if estimated_s >= self.min_estimate_s:
+            self._ratio += self.alpha * (actual_s / estimated_s - self._ratio)
+
+    @property
+    def factor(self) -> float:
+        return min(self.max_factor, max(1.0, self._ratio))
+
+
 def time_left(now: float, deadline: float | None, budget_s: float | None) -> float | None:
     """Seconds a request arriving at `now` has: the sooner of its deadline and now + budget (None: unbounded)."""
     limits = [x for x in (None if deadline is None else deadline - now, budget_s) if x is not None]

@@ -92,6 +92,7 @@ class _Request:
     budget_deadline: float | None  # loop.time(): enqueued + the latency budget
     lengths: np.ndarray | None = None  # per-row sequence lengths (length-aware batching only)
     taken: float | None = None  # loop.time() it left the queue for a batch
+    estimated_wait: float = 0.0  # admission's estimate of its queue wait (s)
 
     @property
     def length(self) -> int:
@@ -152,8 +153,8 @@ class DynamicBatcher:
         self.inline_max_rows = 0
         """Largest batch run on the event loop, from `calibrate` (decided once, on the runtime's own
         timing: live timings grow when other processes take the cores, exactly when CPU is scarcest)."""
-        self.loop_lag = LoopLag()
-        """How late the event loop runs what is due: counted against a new request's time left."""
+        self.wait_correction = admission.WaitCorrection()
+        """Learnt ratio of real queue waits to estimated ones (length groups, contended cores)."""
         self.service_time = admission.ServiceTime()
         """Batch run time against rows, for admission estimates."""
         self._busy_until: dict[int, float] = {}  # running batch id -> estimated end (loop.time())
@@ -203,11 +204,9 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(self._max_concurrent)
         self._task = asyncio.create_task(self._loop(), name=f"batcher-{self._labels['model']}")
-        self.loop_lag.start()
 
     async def stop(self) -> None:
         """Stop batching: wait for batches in the runtime, fail requests still queued."""
-        await self.loop_lag.stop()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -231,7 +230,7 @@ class DynamicBatcher:
         rows = _rows_of(inputs)
         if rows > self.max_batch_size:
             raise InvalidInputError(f"request has {rows} rows; at most {self.max_batch_size} per request")
-        self.admit(rows, timeout_s)
+        est = self.admit(rows, timeout_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
         lengths = None
@@ -243,6 +242,7 @@ class DynamicBatcher:
             inputs=inputs, rows=rows, future=loop.create_future(), enqueued=now, enqueued_ns=time.time_ns(),
             deadline=None if timeout_s is None else now + timeout_s,
             budget_deadline=None if self.latency_budget_s is None else now + self.latency_budget_s, lengths=lengths,
+            estimated_wait=est.wait_s,
         )
         self._queue.append(req)
         self._queued_rows += rows
@@ -250,13 +250,10 @@ class DynamicBatcher:
         self._arrived.set()
         return await req.future
 
-    def admit(self, rows: int, timeout_s: float | None) -> None:
+    def admit(self, rows: int, timeout_s: float | None) -> admission.Estimate:
         """Refuse (raise) a request of `rows` rows arriving now that could not finish in time, or whose queue
         is full; return if it is admitted. Cheap: the data plane also calls it before parsing a request, so
-        an overloaded model refuses before spending CPU on it (tokenising, decoding).
-
-        The event loop's current lag counts against the time left: a request arriving now has waited about
-        that long before its handler ran, which no client deadline of a REST call reflects.
+        an overloaded model refuses before spending CPU on it (tokenising, decoding). Returns the estimate.
         """
         if not self.running:
             raise ModelNotReadyError("the batcher is not running")
@@ -268,12 +265,13 @@ class DynamicBatcher:
             raise QueueFullError(f"queue is full ({self.max_queue_size} requests waiting); retry later",
                                  retry_after_s=admission.retry_after_s(est.wait_s))
         left = admission.time_left(now, None if timeout_s is None else now + timeout_s, self.latency_budget_s)
-        refusal = admission.check(self._labels["model"], est, None if left is None else left - self.loop_lag.lag_s,
-                                  self.latency_budget_s)
+        refusal = admission.check(self._labels["model"], est, left, self.latency_budget_s,
+                                  headroom=admission.HEADROOM * self.wait_correction.factor)
         if refusal is not None:
             self.stats.rejected += 1
             self._m_rejected["overload"].inc()
             raise refusal
+        return est
 
     def _queue_state(self, now: float) -> admission.QueueState:
         """The queue and the runtime as admission sees them at `now`."""
@@ -380,6 +378,7 @@ class DynamicBatcher:
                 req.future.set_exception(DeadlineExpiredError("deadline passed while the request was queued"))
                 continue
             if req.budget_deadline is not None and req.budget_deadline < now:
+                self.wait_correction.observe(req.estimated_wait, now - req.enqueued)
                 self._pop()
                 self.stats.over_budget += 1
                 self._m_rejected["over_budget"].inc()
@@ -390,6 +389,7 @@ class DynamicBatcher:
             if rows + req.rows > self.max_batch_size:
                 break
             req.taken = now
+            self.wait_correction.observe(req.estimated_wait, now - req.enqueued)
             batch.append(self._pop())
             rows += req.rows
         self._m_queue_depth.set(len(self._queue))
@@ -464,40 +464,6 @@ class DynamicBatcher:
         if run_rows > rows:
             outputs = {name: value[:rows] for name, value in outputs.items()}
         return outputs
-
-
-class LoopLag:
-    """The event loop's lag: how late a callback due now actually runs, as a maximum that decays.
-
-    A task sleeps `interval_s` at a time and records how much later than asked it woke up; a new
-    request has waited about that long between arriving and its handler starting. The figure is the
-    largest recent lag, decaying by `decay` per tick (a 200 ms stall fades in a few hundred ms).
-    """
-
-    def __init__(self, interval_s: float = 0.01, decay: float = 0.8) -> None:
-        self.interval_s = interval_s
-        self.decay = decay
-        self.lag_s = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="loop-lag")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        self.lag_s = 0.0
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            t0 = loop.time()
-            await asyncio.sleep(self.interval_s)
-            lag = loop.time() - t0 - self.interval_s
-            self.lag_s = max(lag, self.lag_s * self.decay)
 
 
 def _rows_of(inputs: Mapping[str, np.ndarray]) -> int:
