@@ -77,7 +77,7 @@ class Config:
     overload_targets: tuple[tuple[str, str], ...] = (("sentiment", "rest"),)
     overload_ramp: dict[str, list[float]] = field(default_factory=lambda: {
         "fraud": [200, 400, 600, 800, 1000], "cnn": [50, 100, 200, 300, 450],
-        "sentiment": [10, 20, 30, 45, 60, 90, 130]})
+        "sentiment": [20, 40, 80, 120, 160, 200, 240, 280]})
     overload_ramp_s: float = 5.0
     overload_ramp_factors: tuple[float, ...] = (1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0)
     overload_s: float = 20.0
@@ -91,7 +91,7 @@ class Config:
             raw_seconds=1.5,
             curve_rates={"fraud": [100, 200, 400, 600, 800, 1000, 1300],
                          "cnn": [25, 50, 100, 200, 300, 450, 600],
-                         "sentiment": [5, 10, 20, 40, 60, 90, 130]},
+                         "sentiment": [10, 20, 40, 80, 120, 160, 200, 260]},
             curve_step_s=8.0, mix_rate=1000.0, mix_s=60.0,
             spike=[Phase(20, 10), Phase(30, 1000), Phase(20, 10)],
             cache_rate=200.0, cache_s=10.0, cache_modes=("redis", "memory", "off"),
