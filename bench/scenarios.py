@@ -95,7 +95,7 @@ class Config:
             curve_step_s=8.0, mix_rate=1000.0, mix_s=60.0,
             spike=[Phase(20, 10), Phase(30, 1000), Phase(20, 10)],
             cache_rate=200.0, cache_s=10.0, cache_modes=("redis", "memory", "off"),
-            mix_ramp=(150, 250, 350, 500, 700, 850), mix_ramp_s=8.0)
+            mix_ramp=(150, 250, 350, 400, 450, 500, 600, 700, 850), mix_ramp_s=8.0)
 
     @staticmethod
     def quick() -> Config:
