@@ -469,9 +469,10 @@ def _mix_ramp(stack: Stack, cfg: Config) -> dict[str, Any]:
         ok = verdicts.all_met(verdicts.mix_rows(rate, overall, per, SLO_P99_MS))
         steps.append({"offered_rps": rate, "achieved_rps": overall["achieved_rps"],
                       "goodput_rps": _mix_goodput(res, targets), "p99_ms": {m: s["p99_ms"] for m, s in per.items()},
-                      "error_count": overall["error_count"], "met": ok})
+                      "error_count": overall["error_count"], "errors": overall["errors"], "met": ok})
         log(f"mix ramp {rate:g}/s: achieved {overall['achieved_rps']:.0f}, p99 "
-            + ", ".join(f"{m} {fmt(s['p99_ms'])}" for m, s in per.items()) + f" ms -> {'ok' if ok else 'broken'}")
+            + ", ".join(f"{m} {fmt(s['p99_ms'])}" for m, s in per.items())
+            + f" ms, errors {overall['errors'] or 'none'} -> {'ok' if ok else 'broken'}")
         if not ok:
             break
         best = rate

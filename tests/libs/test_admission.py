@@ -229,19 +229,21 @@ async def test_no_budget_and_no_deadline_queues_as_before() -> None:
 
 
 def test_wait_correction_learns_how_far_real_waits_run_over() -> None:
-    wc = admission.WaitCorrection(alpha=0.5)
-    assert wc.factor == 1.0
-    for _ in range(20):
-        wc.observe(0.010, 0.020)  # real waits twice the estimate (e.g. batches split into length groups)
-    assert wc.factor == pytest.approx(2.0, rel=1e-3)
-    wc.observe(0.0005, 1.0)  # estimates too small to compare are skipped
-    assert wc.factor == pytest.approx(2.0, rel=1e-3)
-    for _ in range(40):
-        wc.observe(0.010, 0.001)  # shorter than estimated: never below 1 (the fit stays the floor)
-    assert wc.factor == 1.0
-    for _ in range(40):
-        wc.observe(0.010, 1.0)
-    assert wc.factor == wc.max_factor  # bounded
+    wc = admission.WaitCorrection(alpha=0.5, half_life_s=1.0)
+    assert wc.factor(0.0) == 1.0
+    for i in range(20):
+        wc.observe(0.010, 0.020, now=i * 0.001)  # real waits twice the estimate (e.g. length groups)
+    assert wc.factor(0.02) == pytest.approx(2.0, rel=1e-2)
+    wc.observe(0.0005, 1.0, now=0.02)  # estimates too small to compare are skipped
+    assert wc.factor(0.02) == pytest.approx(2.0, rel=1e-2)
+    assert wc.factor(1.02) == pytest.approx(1.5, rel=1e-2)  # fades: half the excess a second later
+    assert wc.factor(10.0) == pytest.approx(1.0, abs=1e-2)  # an old overload does not refuse light load
+    for i in range(40):
+        wc.observe(0.010, 0.001, now=11 + i * 0.001)  # shorter than estimated: never below 1
+    assert wc.factor(11.05) == 1.0
+    for i in range(40):
+        wc.observe(0.010, 1.0, now=12 + i * 0.001)
+    assert wc.factor(12.05) == wc.max_factor  # bounded
 
 
 async def test_batcher_learns_to_refuse_earlier_when_waits_overrun_estimates() -> None:
@@ -264,4 +266,4 @@ async def test_batcher_learns_to_refuse_earlier_when_waits_overrun_estimates() -
             await asyncio.gather(*(one() for _ in range(60)))
     finally:
         await b.stop()
-    assert b.wait_correction.factor > 2
+    assert b.wait_correction.factor(asyncio.get_running_loop().time()) > 2

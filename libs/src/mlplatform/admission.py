@@ -139,23 +139,34 @@ class WaitCorrection:
     The fit knows one runtime call per batch; a model that splits a batch into length groups, or a
     runtime slowed by other processes, waits longer than estimated. Each admitted request's actual
     wait over its estimate (estimates under `min_estimate_s` skipped) feeds an exponentially weighted
-    mean; `factor` (at least 1, at most `max_factor`) scales the next estimates.
+    mean; `factor` (at least 1, at most `max_factor`) scales the next estimates. What was learnt fades
+    with `half_life_s` of wall time, so a correction learnt in an overload does not outlive it: once the
+    queue is short, estimates are too small to teach anything, and refusing light load on an old
+    lesson would be a defect.
     """
 
-    def __init__(self, *, alpha: float = 0.05, min_estimate_s: float = 0.002, max_factor: float = 4.0) -> None:
+    def __init__(self, *, alpha: float = 0.05, min_estimate_s: float = 0.002, max_factor: float = 4.0,
+                 half_life_s: float = 1.0) -> None:
         self.alpha = alpha
         self.min_estimate_s = min_estimate_s
         self.max_factor = max_factor
-        self._ratio = 1.0
+        self.half_life_s = half_life_s
+        self._excess = 0.0  # ratio - 1, as of `_at`
+        self._at = 0.0
 
-    def observe(self, estimated_s: float, actual_s: float) -> None:
-        """One admitted request waited `actual_s` where `estimated_s` was expected."""
+    def _faded(self, now: float) -> float:
+        return self._excess * 0.5 ** (max(0.0, now - self._at) / self.half_life_s)
+
+    def observe(self, estimated_s: float, actual_s: float, now: float) -> None:
+        """One admitted request waited `actual_s` where `estimated_s` was expected (`now`: loop time)."""
         if estimated_s >= self.min_estimate_s:
-            self._ratio += self.alpha * (actual_s / estimated_s - self._ratio)
+            excess = self._faded(now)
+            self._excess = excess + self.alpha * (actual_s / estimated_s - 1.0 - excess)
+            self._at = now
 
-    @property
-    def factor(self) -> float:
-        return min(self.max_factor, max(1.0, self._ratio))
+    def factor(self, now: float) -> float:
+        """The multiplier for an estimate made at `now`."""
+        return min(self.max_factor, max(1.0, 1.0 + self._faded(now)))
 
 
 def time_left(now: float, deadline: float | None, budget_s: float | None) -> float | None:

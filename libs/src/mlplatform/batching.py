@@ -266,7 +266,7 @@ class DynamicBatcher:
                                  retry_after_s=admission.retry_after_s(est.wait_s))
         left = admission.time_left(now, None if timeout_s is None else now + timeout_s, self.latency_budget_s)
         refusal = admission.check(self._labels["model"], est, left, self.latency_budget_s,
-                                  headroom=admission.HEADROOM * self.wait_correction.factor)
+                                  headroom=admission.HEADROOM * self.wait_correction.factor(now))
         if refusal is not None:
             self.stats.rejected += 1
             self._m_rejected["overload"].inc()
@@ -378,7 +378,7 @@ class DynamicBatcher:
                 req.future.set_exception(DeadlineExpiredError("deadline passed while the request was queued"))
                 continue
             if req.budget_deadline is not None and req.budget_deadline < now:
-                self.wait_correction.observe(req.estimated_wait, now - req.enqueued)
+                self.wait_correction.observe(req.estimated_wait, now - req.enqueued, now)
                 self._pop()
                 self.stats.over_budget += 1
                 self._m_rejected["over_budget"].inc()
@@ -389,7 +389,7 @@ class DynamicBatcher:
             if rows + req.rows > self.max_batch_size:
                 break
             req.taken = now
-            self.wait_correction.observe(req.estimated_wait, now - req.enqueued)
+            self.wait_correction.observe(req.estimated_wait, now - req.enqueued, now)
             batch.append(self._pop())
             rows += req.rows
         self._m_queue_depth.set(len(self._queue))
