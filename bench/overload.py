@@ -76,7 +76,7 @@ def ramp(stack: Stack, model: str, path: str, rates: list[float], step_s: float,
          ) -> dict[str, Any]:
     """Rising rates until a step breaks its SLO (bench/verdicts.broken): the capacity and the steps. A warm-up at
     half the first rate comes first (not kept: a service's first seconds under load are slower); when even the
-    first rate breaks, half and a quarter of it are tried before giving up."""
+    first rate breaks, lower rates (0.85, 0.7, 0.5, 0.25 of it) are tried, highest first, before giving up."""
     _run(stack, model, path, [Phase(step_s, rates[0] / 2)], "ovl-warmup", timeout_s)
     steps: list[dict[str, Any]] = []
 
@@ -94,7 +94,7 @@ def ramp(stack: Stack, model: str, path: str, rates: list[float], step_s: float,
         if steps[-1]["broken"]:
             break
     if len(steps) == 1 and steps[0]["broken"]:
-        for lower in (rates[0] / 2, rates[0] / 4):
+        for lower in (rates[0] * f for f in (0.85, 0.7, 0.5, 0.25)):
             steps.insert(0, measure(lower))
             if not steps[0]["broken"]:
                 break
