@@ -42,7 +42,7 @@ def test_one_batch_size_only_is_all_per_row_cost() -> None:
 
 def test_nothing_known_predicts_zero() -> None:
     st = ServiceTime()
-    assert not st.known
+    assert st.coefficients() == (0.0, 0.0)
     assert st.predict(32) == 0.0
 
 

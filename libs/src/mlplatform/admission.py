@@ -38,7 +38,6 @@ class ServiceTime:
         self._live = [0.0] * 5  # weight, sum x, sum y, sum xx, sum xy
         self._prior = [0.0] * 5
         self._coefficients = (0.0, 0.0)
-        self.observations = 0
 
     @staticmethod
     def _add(sums: list[float], x: float, y: float, w: float) -> None:
@@ -57,13 +56,7 @@ class ServiceTime:
         """One batch of `rows` took `seconds` in the runtime."""
         self._live = [s * self._decay for s in self._live]
         self._add(self._live, float(rows), max(0.0, seconds), 1.0)
-        self.observations += 1
         self._coefficients = self._fit()
-
-    @property
-    def known(self) -> bool:
-        """Anything to estimate from (a prior or an observation)."""
-        return self._live[0] + self._prior[0] > 0
 
     def coefficients(self) -> tuple[float, float]:
         """(fixed seconds per batch, seconds per row), both >= 0; (0, 0) when nothing is known."""

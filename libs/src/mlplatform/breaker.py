@@ -70,20 +70,18 @@ class Breaker:
         """Await `fn()` under the breaker; raise BreakerOpenError instead of calling when open."""
         if self._cb.current_state == pybreaker.STATE_CLOSED:
             return await self._call_closed(fn)
-        # pybreaker's half-open state lets every call through; while awaited calls overlap,
-        # only the first one after the reset timeout is the trial, the others are refused.
-        trial = self._cb.current_state != pybreaker.STATE_CLOSED
-        if trial and self._trial_in_flight:
+        # Open or half-open: a call here is a trial. pybreaker's half-open state lets every call through;
+        # while awaited calls overlap, only the first one after the reset timeout is the trial, the others
+        # are refused.
+        if self._trial_in_flight:
             raise BreakerOpenError(f"circuit breaker {self.name!r} is half-open, its trial call is in flight")
         try:
             with self._cb.calling():
-                if trial:
-                    self._trial_in_flight = True
+                self._trial_in_flight = True
                 try:
                     return await fn()
                 finally:
-                    if trial:
-                        self._trial_in_flight = False
+                    self._trial_in_flight = False
         except pybreaker.CircuitBreakerError as exc:
             raise BreakerOpenError(f"circuit breaker {self.name!r} is open") from exc
 

@@ -73,19 +73,17 @@ class Predictor:
             computed, used_fallback = await self._infer(inputs, timeout_s)
             return Prediction(computed, np.zeros(rows, dtype=bool), np.full(rows, used_fallback))
         cached_rows: dict[int, Tensors] = {}
-        keys: list[str] = []
-        if self.cache is not None:
-            keys = [cache_mod.row_key(self.model.name, self.model.version, {k: v[i] for k, v in inputs.items()})
-                    for i in range(rows)]
-            with tracing.span("cache.get", **{"cache.keys": rows}):
-                found = await self.cache.get_many(keys)
-            for i, blob in enumerate(found):
-                if blob is not None:
-                    try:
-                        cached_rows[i] = cache_mod.decode_outputs(blob)
-                    except ValueError as exc:
-                        log.warning("ignoring malformed cache entry %s: %s", keys[i], exc)
-            cache_mod.record_lookups(self.model.name, len(cached_rows), rows - len(cached_rows))
+        keys = [cache_mod.row_key(self.model.name, self.model.version, {k: v[i] for k, v in inputs.items()})
+                for i in range(rows)]
+        with tracing.span("cache.get", **{"cache.keys": rows}):
+            found = await self.cache.get_many(keys)
+        for i, blob in enumerate(found):
+            if blob is not None:
+                try:
+                    cached_rows[i] = cache_mod.decode_outputs(blob)
+                except ValueError as exc:
+                    log.warning("ignoring malformed cache entry %s: %s", keys[i], exc)
+        cache_mod.record_lookups(self.model.name, len(cached_rows), rows - len(cached_rows))
 
         miss = [i for i in range(rows) if i not in cached_rows]
         fallback = np.zeros(rows, dtype=bool)
@@ -95,7 +93,7 @@ class Predictor:
             computed, used_fallback = await self._infer(miss_inputs, timeout_s)
             if used_fallback:
                 fallback[miss] = True
-            elif self.cache is not None:
+            else:
                 entries = {keys[i]: cache_mod.encode_outputs({k: v[j] for k, v in computed.items()})
                            for j, i in enumerate(miss)}
                 with tracing.span("cache.set", **{"cache.keys": len(entries)}):
