@@ -148,9 +148,7 @@ class RuntimeModel(Model):
         # the variant actually served, not the config's default.
         self.config = self.config.model_copy(update={
             "platform": BACKEND_PLATFORMS[self.backend], "artifact": self.variant["artifact"],
-            "parameters": {**self.config.parameters, "runtime_variant": self.runtime_name,
-                           "runtime_variant_reason": self.variant_choice.reason,
-                           "runtime_variant_selection": self.variant_choice.selection},
+            "parameters": {**self.config.parameters, **self.variant_choice.as_parameters()},
         })
         log.info("%s v%s: runtime variant %s (%s: %s)", self.name, self.version, self.runtime_name,
                  self.variant_choice.selection, self.variant_choice.reason)

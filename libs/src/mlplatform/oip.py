@@ -19,7 +19,7 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
 
-from mlplatform import __version__
+from mlplatform import __version__, variants
 from mlplatform.dataplane import DataPlane
 from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
 from mlplatform.streaming import ordered_concurrent
@@ -164,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )],
             default_model_filename=cfg.artifact,
             parameters={k: mc.ModelParameter(string_value=str(v)) for k, v in cfg.parameters.items()
-                        if k in CONFIG_PARAMETERS},
+                        if k in variants.PARAMETER_KEYS},
         ))
 
     @abort_on_serving_error
@@ -216,10 +216,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 response.raw_output_contents.append(encode_tensor(arr))
         return response
-
-
-CONFIG_PARAMETERS = ("runtime_variant", "runtime_variant_reason", "runtime_variant_selection")
-"""Model config parameters shown in `ModelConfig.parameters` (the runtime variant served and why)."""
 
 
 def _json_client(context: Context) -> bool:

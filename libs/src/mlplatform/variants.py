@@ -44,6 +44,14 @@ class VariantChoice:
     reason: str
     selection: str
 
+    def as_parameters(self) -> dict[str, str]:
+        """The choice as model config parameters (what OIP `ModelConfig.parameters` shows)."""
+        return dict(zip(PARAMETER_KEYS, (self.name, self.reason, self.selection), strict=True))
+
+
+PARAMETER_KEYS = ("runtime_variant", "runtime_variant_reason", "runtime_variant_selection")
+"""The config parameters that say which runtime variant is served, why, and how it was chosen."""
+
 
 def gpu_available() -> bool:
     """True when a CUDA GPU can run models: `torch.cuda.is_available()` where torch is installed, else
