@@ -293,9 +293,7 @@ def cost(out: Path, stack: Stack, cfg: Any) -> dict[str, Any]:
           "`grpc.health.v1.Health/Check` (`bench/floor_server.py`); **fraud**: the fraud service, cache off, typed "
           "`Predict`; **fraud_oip**: the same process over OIP `ModelInfer`; **cnn**: the cnn service, typed "
           "`Predict`. Server CPU per request = the server process's CPU time (user + system, every thread) during "
-          "the timed calls ÷ calls.", "",
-          "| target | measured | goal | verdict |", "|---|---|---|---|"]
-    md += [f"| {r['target']} | {r['measured']} | {r['goal']} | {verdicts.verdict_text(r['met'])} |" for r in rows]
+          "the timed calls ÷ calls.", "", *verdicts.targets_table(rows)]
     md += ["", "Idle CPU (nothing calling, % of a core) is measured first; \"net of idle\" subtracts it over each "
            "probe's wall time (it matters at 1 in flight, where calls are far apart). The verdicts use the gross "
            "figure.", "",

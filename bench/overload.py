@@ -187,9 +187,7 @@ def overload(out: Path, stack: Stack, cfg: Any) -> dict[str, Any]:
           "`RESOURCE_EXHAUSTED` / `UNAVAILABLE` / HTTP 429 / 503; percentiles count every request. Queue waits "
           "above the budget (the SLO) from the service's `inference_queue_wait_seconds` histogram. \"Back to "
           "normal\": the first moment after the spike from which every half-second's p99 stays ≤ max(2x, +10 ms) the "
-          "pre-spike p99 for 2 s.", "",
-          "| target | measured | goal | verdict |", "|---|---|---|---|"]
-    md += [f"| {x['target']} | {x['measured']} | {x['goal']} | {verdicts.verdict_text(x['met'])} |" for x in rows]
+          "pre-spike p99 for 2 s.", "", *verdicts.targets_table(rows)]
     md += ["", "| target | run | offered/s | goodput/s | achieved/s | refused | refusal p99 ms | timeouts | "
            "other errors | p50 ms | p99 ms | ok p99 ms | queue waits > budget | service rejections |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -172,9 +172,7 @@ def targets_table(rows: list[dict[str, Any]]) -> list[str]:
     md = ["## Targets (issue 13)", "",
           f"{met} of {len(judged)} judged targets met (rows marked — are reported figures without a goal of their "
           "own, or had nothing to judge). Items: 1 per-request cost, 3 overload, 4 the 1000 req/s mix, 5 peer.", "",
-          "| item | target | measured | goal | verdict |", "|---|---|---|---|---|"]
-    md += [f"| {r['item']} | {r['target']} | {r['measured']} | {r['goal']} | {verdicts.verdict_text(r['met'])} |"
-           for r in rows]
+          *verdicts.targets_table(rows, with_item=True)]
     return [*md, ""]
 
 

@@ -417,10 +417,7 @@ def mix(out: Path, stack: Stack, cfg: Config) -> dict[str, Any]:
           f"**Overall:** achieved {overall['achieved_rps']:.0f} req/s of {overall['offered_rps']:.0f} offered; "
           f"errors {overall['error_count']} {overall['errors'] or ''}; generator send lag p99 "
           f"{fmt(overall['send_lag_p99_ms'])} ms. **Targets (issue 13, item 4): "
-          f"{'met' if met else 'not met'}.**", "",
-          "| target | measured | goal | verdict |", "|---|---|---|---|"]
-    md += [f"| {r['target']} | {r['measured']} | {r['goal']} | {verdicts.verdict_text(r['met'])} |"
-           for r in targets_rows]
+          f"{'met' if met else 'not met'}.**", "", *verdicts.targets_table(targets_rows)]
     md += ["", "| model | offered/s | achieved/s | goodput/s | p50 ms | p95 ms | p99 ms | ok p99 ms | SLO p99 ms | "
            "met | errors | mean batch | mean queue wait ms | queue-full rejections |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

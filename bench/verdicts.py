@@ -47,6 +47,13 @@ def verdict_text(met: bool | None) -> str:
     return "—" if met is None else ("met" if met else "**not met**")
 
 
+def targets_table(rows: list[dict[str, Any]], *, with_item: bool = False) -> list[str]:
+    """Markdown lines of a Targets table (target, measured, goal, verdict; the issue's item first if asked)."""
+    cols = ["item"] * with_item + ["target", "measured", "goal"]
+    lines = ["| " + " | ".join([*cols, "verdict"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    return lines + ["| " + " | ".join([*(str(r[c]) for c in cols), verdict_text(r["met"])]) + " |" for r in rows]
+
+
 # ---------------------------------------------------------------- curve
 
 def broken(s: dict[str, Any], slo_ms: float) -> str | None:
