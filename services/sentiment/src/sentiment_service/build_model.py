@@ -77,6 +77,8 @@ GPU_VARIANT = "torchscript_fp16"
 CALIBRATION_TEXTS = 128  # training sentences that calibrate the static INT8 ranges
 PROBE_TEXTS = 64  # further training sentences that rank the MatMuls' sensitivity
 EXACT = ("torchscript", "onnx", "onnx_fused")  # FP32 runtimes: must match the eager model within PARITY_TOLERANCE
+
+
 @dataclass(frozen=True)
 class Example:
     text: str
