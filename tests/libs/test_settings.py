@@ -96,6 +96,8 @@ def test_overrides_win_over_the_environment(monkeypatch):
         ("TESTSVC_LOG_LEVEL", "LOUD"),
         ("TESTSVC_THRESHOLD", "high"),
         ("TESTSVC_CACHE_ENABLED", "perhaps"),
+        ("TESTSVC_LATENCY_BUDGET_MS", "0"),
+        ("TESTSVC_LATENCY_BUDGET_MS", "soon"),
     ],
 )
 def test_bad_value_names_the_variable(monkeypatch, variable, value):
