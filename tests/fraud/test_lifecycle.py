@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -141,5 +142,28 @@ def test_message_size_limit_is_a_setting(model_repository, fraud_rows):
                                     timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "4096" in err.value.details()
+    finally:
+        svc.stop()
+
+
+def test_sigusr1_drains_health_but_keeps_answering_then_sigterm_stops_at_once(model_repository, fraud_rows):
+    # A 30 s drain delay would hold SIGTERM that long; after SIGUSR1 the supervisor has already waited.
+    svc = ServiceProcess("fraud_service", "FRAUD_", env={
+        "FRAUD_MODEL_REPOSITORY": str(model_repository), "FRAUD_DRAIN_DELAY_S": "30"}).start()
+    try:
+        svc.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while svc.health() != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert svc.health() == NOT_SERVING
+        assert svc.health("fraud.v1.FraudService") == NOT_SERVING
+        channel, client = stub(svc.target)
+        with channel:
+            answer = client.Predict(predict_request(fraud_rows[0][0]), timeout=5).prediction
+        assert answer.model_name == "fraud" and 0.0 <= answer.fraud_probability <= 1.0
+        assert "draining: NOT_SERVING" in svc.logs()
+        started = time.monotonic()
+        assert svc.stop(timeout=20) == 0
+        assert time.monotonic() - started < 15, "SIGTERM after SIGUSR1 must not wait the drain delay again"
     finally:
         svc.stop()

@@ -3,7 +3,10 @@
 Lifecycle: listen (health NOT_SERVING) -> load -> warm-up -> start the batcher ->
 SERVING. On SIGTERM/SIGINT: health NOT_SERVING, optional drain delay so load
 balancers notice, then stop accepting calls and let in-flight ones finish within
-the grace period, then stop the batcher and unload.
+the grace period, then stop the batcher and unload. SIGUSR1 drains without stopping:
+health turns NOT_SERVING for good while calls are still answered, so a supervisor can
+wait until the load balancer has taken the process out of rotation before its SIGTERM
+(which then skips the drain delay).
 
 A service provides its settings class, a model factory and (optionally) its typed API;
 this module adds the data plane, health, reflection, the Open Inference Protocol
@@ -120,6 +123,8 @@ class ModelServer:
         self.port = 0
         self.metrics_port = 0
         self._stopping = asyncio.Event()
+        self.draining = False
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def model(self) -> Model:
@@ -192,6 +197,19 @@ class ModelServer:
         await batcher.calibrate([model.warmup_inputs(b) for b in sorted({1, model.max_batch_size})])
         await batcher.start()
 
+    async def drain(self) -> None:
+        """Health NOT_SERVING for good, calls still answered (SIGUSR1): the supervisor's first step of a stop."""
+        if not self.draining:
+            self.draining = True
+            log.info("%s: draining: NOT_SERVING, still answering until SIGTERM", self.spec.name)
+            await self.health.enter_graceful_shutdown()
+
+    def request_drain(self) -> None:
+        """Signal handler of SIGUSR1: `drain` on the event loop."""
+        task = asyncio.get_running_loop().create_task(self.drain())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def request_stop(self) -> None:
         """Ask the server to shut down gracefully (signal handler)."""
         self._stopping.set()
@@ -205,8 +223,9 @@ class ModelServer:
         """Health NOT_SERVING, drain in-flight requests within the grace period, release everything."""
         s = self.settings
         log.info("%s: shutting down: NOT_SERVING, draining for up to %.1fs", self.spec.name, s.grace_period_s)
-        await self.health.enter_graceful_shutdown()
-        if s.drain_delay_s > 0:
+        drained = self.draining
+        await self.drain()
+        if s.drain_delay_s > 0 and not drained:  # after SIGUSR1 the supervisor already waited
             await asyncio.sleep(s.drain_delay_s)
         if self.server is not None:
             await self.server.stop(s.grace_period_s)
@@ -243,6 +262,7 @@ async def serve(spec: ServiceSpec, settings: ServiceSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGUSR1, server.request_drain)
     start = asyncio.create_task(server.start())
     stop = asyncio.create_task(server._stopping.wait())
     done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
