@@ -4,7 +4,6 @@ harm the other items, whole-request checks for OIP, and ordered streams with per
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -18,22 +17,21 @@ from mlplatform.typed import stream_results
 from tests.libs import test_pipeline
 from tests.libs.test_pipeline import rows
 
-MODEL = SimpleNamespace(name="digits", version="3")
 make_predictor = test_pipeline.make_predictor  # the fixture: a warmed-up Predictor around a real numpy model
 
 
-@pytest.mark.parametrize("requested", ["", "0", "3"])
-def test_served_version_accepted(requested):
-    check_version(MODEL, requested)  # type: ignore[arg-type]
+@pytest.mark.parametrize(("requested", "chosen"), [("", "3"), ("0", "3"), ("3", "3"), ("1", "1")])
+def test_empty_or_zero_version_means_the_newest_served(requested, chosen):
+    assert check_version("digits", ["1", "3"], requested) == chosen
 
 
 def test_other_version_is_not_found_and_names_the_field():
     with pytest.raises(NotFoundError) as err:
-        check_version(MODEL, "2", "images.model_version")  # type: ignore[arg-type]
+        check_version("digits", ["3"], "2", "images.model_version")
     assert err.value.code == grpc.StatusCode.NOT_FOUND
     assert err.value.message == "images.model_version: digits has no version '2' served; served version: 3"
-    with pytest.raises(NotFoundError, match=r"^model 'digits' has no version '2' served; served version: 3$"):
-        check_version(MODEL, "2")  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError, match=r"^model 'digits' has no version '2' served; served versions: 1, 3$"):
+        check_version("digits", ["1", "3"], "2")
 
 
 def test_batch_size_limits_for_typed_items_and_oip_rows():
@@ -80,7 +78,10 @@ async def test_infer_rows_answers_every_item_in_order_with_per_item_errors(make_
     plane = DataPlane({predictor.model.name: predictor})
     items = ["1 2 3 4", "bad", "1 2 3", "5 6 7 8", "nan 1 1 1"]
     fields = [f"rows[{i}]" for i in range(len(items))]
-    answers = await plane.infer_rows(predictor.model.name, "", items, fields, _parse_numbers, batch_field="rows")
+    with plane.serving(predictor.model.name) as held:
+        assert held is predictor and predictor.in_flight == 1
+        answers = await plane.infer_rows(held, items, fields, _parse_numbers, batch_field="rows")
+    assert predictor.in_flight == 0
     assert isinstance(answers[0], RowAnswer) and float(answers[0].outputs["y"]) == 10.0
     assert isinstance(answers[3], RowAnswer) and float(answers[3].outputs["y"]) == 26.0
     assert answers[1].message == "rows[1]: not a row"
@@ -98,25 +99,26 @@ async def test_infer_rows_checks_version_and_batch_size_before_parsing(make_pred
         raise AssertionError("parsed before the request-level checks")
 
     with pytest.raises(NotFoundError, match=r"^model_version: sum-\d+ has no version '9' served"):
-        await plane.infer_rows(name, "9", ["1 2 3 4"], ["rows[0]"], never, batch_field="rows")
+        plane.serving(name, "9", "model_version").__enter__()
     with pytest.raises(InvalidInputError, match=r"^rows: 9 items, at most 8 per batch$"):
-        await plane.infer_rows(name, "", ["1 2 3 4"] * 9, ["r"] * 9, never, batch_field="rows")
+        await plane.infer_rows(predictor, ["1 2 3 4"] * 9, ["r"] * 9, never, batch_field="rows")
     with pytest.raises(NotFoundError, match=r"^unknown model 'nope'; served: \['sum-\d+'\]$"):
-        await plane.infer_rows("nope", "", ["1 2 3 4"], ["r"], never)
+        plane.serving("nope").__enter__()
+    assert predictor.in_flight == 0
 
 
 async def test_infer_checks_the_whole_request(make_predictor):
     predictor = await make_predictor(cache=False)
     plane = DataPlane({predictor.model.name: predictor})
     name = predictor.model.name
-    out = await plane.infer(name, "2", {"x": rows(0, 1)}, outputs=["y"])
+    out = await plane.infer(plane.predictor(name, "2"), {"x": rows(0, 1)}, outputs=["y"])
     np.testing.assert_allclose(out.outputs["y"], [6.0, 10.0])
     with pytest.raises(InvalidInputError, match=r"unknown requested output\(s\) \['z'\]"):
-        await plane.infer(name, "", {"x": rows(0)}, outputs=["z"])
+        await plane.infer(predictor, {"x": rows(0)}, outputs=["z"])
     with pytest.raises(InvalidInputError, match=r"^batch of 9 rows is over the limit of 8$"):
-        await plane.infer(name, "", {"x": rows(*range(9))})
+        await plane.infer(predictor, {"x": rows(*range(9))})
     with pytest.raises(NotFoundError, match=r"^model 'sum-\d+' has no version '1' served"):
-        await plane.infer(name, "1", {"x": rows(0)})
+        plane.predictor(name, "1")
 
 
 async def test_stream_results_answers_each_message_in_order_with_its_own_error():

@@ -78,7 +78,7 @@ def test_every_message_field_enum_and_rpc_matches_triton():
         assert (rpc.input_type, rpc.output_type, rpc.client_streaming, rpc.server_streaming) == (
             t.input_type, t.output_type, t.client_streaming, t.server_streaming), name
     required = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-                "ModelStreamInfer", "ModelConfig"}
+                "ModelStreamInfer", "ModelConfig", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
     assert {n.split(".")[1] for n in ours_rpc} == required
 
 

@@ -77,6 +77,86 @@ class WarmupConfig(BaseModel):
     iterations: int = Field(1, ge=1)
 
 
+class LatestVersions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_versions: int = Field(1, ge=1)
+
+
+class SpecificVersions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    versions: list[int] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _positive(self) -> Self:
+        if any(v < 1 for v in self.versions):
+            raise ValueError(f"versions must be positive integers, got {self.versions}")
+        return self
+
+
+class VersionPolicy(BaseModel):
+    """Which versions of a model are served, as Triton's `version_policy`: exactly one of
+    `{"latest": {"num_versions": N}}` (the default, N=1), `{"all": {}}` or
+    `{"specific": {"versions": [1, 3]}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latest: LatestVersions | None = None
+    all: dict[str, Any] | None = None
+    specific: SpecificVersions | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Self:
+        kinds = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"version_policy: give one of latest, all, specific, not {kinds}")
+        if self.all:
+            raise ValueError("version_policy.all takes no fields: {}")
+        if not kinds:
+            self.latest = LatestVersions()
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of `available` (ascending); a `specific` version that is not there
+        is left out (the caller reports it)."""
+        ordered = sorted(available)
+        if self.all is not None:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in set(self.specific.versions)]
+        assert self.latest is not None
+        return ordered[-self.latest.num_versions:]
+
+    def describe(self) -> str:
+        """One line for logs and errors, e.g. `latest 2`, `all`, `specific [1, 3]`."""
+        if self.all is not None:
+            return "all"
+        if self.specific is not None:
+            return f"specific {sorted(self.specific.versions)}"
+        assert self.latest is not None
+        return f"latest {self.latest.num_versions}"
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """A policy from a setting: `latest:2`, `all`, `specific:1,3`, or Triton's JSON object."""
+        text = text.strip()
+        try:
+            if text.startswith("{"):
+                return cls.model_validate(json.loads(text))
+            kind, _, arg = text.partition(":")
+            if kind == "all" and not arg:
+                return cls(all={})
+            if kind == "latest":
+                return cls(latest=LatestVersions(num_versions=int(arg or 1)))
+            if kind == "specific" and arg:
+                return cls(specific=SpecificVersions(versions=[int(v) for v in arg.split(",")]))
+        except (ValueError, ValidationError) as exc:
+            raise ValueError(f"invalid version policy {text!r}: {exc}") from None
+        raise ValueError(f"invalid version policy {text!r}: expected latest[:N], all, specific:V[,V...] "
+                         "or a JSON object")
+
+
 class ModelConfig(BaseModel):
     """One model version's `config.json`."""
 
@@ -95,6 +175,9 @@ class ModelConfig(BaseModel):
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     parameters: dict[str, Any] = Field(default_factory=dict)
     """Model-specific settings (threshold, feature ranges, labels, build metrics)."""
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    """Which versions are served; the newest version's config decides for the model (Triton's
+    `version_policy`, default: the latest one)."""
 
     @model_validator(mode="after")
     def _batch_dims(self) -> Self:

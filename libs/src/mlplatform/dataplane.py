@@ -13,13 +13,14 @@ Two entry points, one rule set:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mlplatform.errors import InvalidInputError, NotFoundError, ServingError
+from mlplatform.errors import InvalidInputError, ModelNotReadyError, NotFoundError, ServingError
 from mlplatform.interceptors import set_request_model
 from mlplatform.model import Model, Tensors
 from mlplatform.pipeline import Prediction, Predictor
@@ -30,7 +31,7 @@ ParseFn = Callable[[Model, Sequence[Item], Sequence[str]], Awaitable[list[Tensor
 """Items of a request -> per item, its tensors (no batch dimension) or the error parsing it raised."""
 
 SERVED_ALIASES = ("", "0")
-"""Requested versions that mean "the served one"."""
+"""Requested versions that mean "the default one" (the newest version served)."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,16 @@ class RowAnswer:
     fallback: bool
 
 
-def check_version(model: Model, requested: str, field: str | None = None) -> None:
-    """NOT_FOUND unless `requested` is empty, "0" or the served version; `field` names where it came from."""
-    if requested in SERVED_ALIASES or requested == model.version:
-        return
-    what = f"{field}: {model.name}" if field else f"model {model.name!r}"
-    raise NotFoundError(f"{what} has no version {requested!r} served; served version: {model.version}")
+def check_version(name: str, served: Sequence[str], requested: str, field: str | None = None) -> str:
+    """The served version a request asks for: the newest for "" or "0", else `requested` when served;
+    NOT_FOUND otherwise (`field` names where the version came from)."""
+    if requested in SERVED_ALIASES:
+        return served[-1]
+    if requested in served:
+        return requested
+    what = f"{field}: {name}" if field else f"model {name!r}"
+    raise NotFoundError(f"{what} has no version {requested!r} served; served "
+                        f"version{'s' if len(served) > 1 else ''}: {', '.join(served)}")
 
 
 def check_rows(n: int, limit: int, field: str | None = None) -> None:
@@ -77,41 +82,90 @@ def row_shape_problem(spec: TensorSpec, row: np.ndarray) -> str | None:
     return f"{spec.name}: shape {list(row.shape)} does not match {shape_str(dims)}"
 
 
-class DataPlane:
-    """Models of this process by name, each behind its `Predictor`."""
+@dataclass(frozen=True)
+class ServedVersions:
+    """The versions of one model that take traffic, by version string, ascending (the last is the default).
+    Replaced as a whole on every change, so a request sees one consistent set."""
 
-    def __init__(self, predictors: Mapping[str, Predictor]) -> None:
-        self._predictors = dict(predictors)
+    predictors: Mapping[str, Predictor]
+
+    @property
+    def versions(self) -> list[str]:
+        return list(self.predictors)
+
+
+class DataPlane:
+    """Models of this process by name, each version behind its own `Predictor`.
+
+    The set of versions of a model changes in one assignment (`set_versions`, by the model manager):
+    a request resolves its predictor once (`serving`) and keeps it until its answer, whatever changes
+    meanwhile."""
+
+    def __init__(self, predictors: Mapping[str, Predictor] | None = None) -> None:
+        self._models: dict[str, ServedVersions] = {}
+        self.unavailable: dict[str, str] = {}
+        """Models with no version served (loading at start, or unloaded), with why: their requests get
+        UNAVAILABLE with that message rather than NOT_FOUND."""
+        for name, predictor in (predictors or {}).items():
+            self.set_versions(name, {int(predictor.model.version): predictor})
 
     @property
     def names(self) -> list[str]:
         """Served model names, sorted."""
-        return sorted(self._predictors)
+        return sorted(self._models)
 
     def ready(self) -> bool:
-        """Every model is loaded and warmed up."""
-        return all(p.model.ready for p in self._predictors.values())
+        """Some model is served and every version served is loaded and warmed up."""
+        return bool(self._models) and all(p.model.ready for m in self._models.values()
+                                          for p in m.predictors.values())
+
+    def versions(self, name: str) -> dict[int, Predictor]:
+        """The versions of `name` taking traffic (empty when none)."""
+        served = self._models.get(name)
+        return {int(v): p for v, p in served.predictors.items()} if served else {}
+
+    def set_versions(self, name: str, predictors: Mapping[int, Predictor]) -> None:
+        """Make exactly `predictors` the versions of `name` that take traffic (none: the model is unloaded)."""
+        if predictors:
+            self._models[name] = ServedVersions({str(v): predictors[v] for v in sorted(predictors)})
+            self.unavailable.pop(name, None)
+        elif self._models.pop(name, None) is not None:
+            self.unavailable[name] = f"model {name!r} is not loaded (unloaded through the model repository API)"
+
+    @property
+    def known(self) -> set[str]:
+        """Models served, loading or unloaded (anything else is NOT_FOUND)."""
+        return {*self._models, *self.unavailable}
 
     def predictor(self, name: str, version: str = "", field: str | None = None) -> Predictor:
-        """The predictor of `name` at `version` (see `check_version`), or NOT_FOUND."""
-        predictor = self._predictors.get(name)
-        if predictor is None:
+        """The predictor of `name` at `version` (see `check_version`); NOT_FOUND for an unknown model or
+        version, UNAVAILABLE for a known model with no version loaded."""
+        served = self._models.get(name)
+        if served is None:
+            if name in self.unavailable:
+                raise ModelNotReadyError(self.unavailable[name])
             raise NotFoundError(f"unknown model {name!r}; served: {self.names}")
-        check_version(predictor.model, version, field)
+        predictor = served.predictors[check_version(name, served.versions, version, field)]
         set_request_model(predictor.model.name, predictor.model.version)
         return predictor
+
+    @contextmanager
+    def serving(self, name: str, version: str = "", field: str | None = None) -> Iterator[Predictor]:
+        """Resolve `name` at `version` once and hold it (in flight) for the whole request."""
+        with self.predictor(name, version, field).serving() as predictor:
+            yield predictor
 
     def model(self, name: str, version: str = "") -> Model:
         """The served model `name` at `version`, or NOT_FOUND."""
         return self.predictor(name, version).model
 
-    async def infer(self, name: str, version: str, inputs: Tensors, *, outputs: Sequence[str] = (),
+    async def infer(self, predictor: Predictor, inputs: Tensors, *, outputs: Sequence[str] = (),
                     timeout_s: float | None = None) -> Prediction:
-        """Check a whole request (tensor names, datatypes, shapes, limits, every row) and predict it.
+        """Check a whole request (tensor names, datatypes, shapes, limits, every row) and predict it with
+        `predictor` (resolved by `serving`).
 
         `outputs` are the outputs asked for (empty: all); an unknown one is INVALID_ARGUMENT.
         """
-        predictor = self.predictor(name, version)
         model = predictor.model
         check_rows(model.check_inputs(inputs), model.max_batch_size)
         problems = [(i, p) for i, p in enumerate(model.validate_rows(inputs)) if p]
@@ -127,19 +181,16 @@ class DataPlane:
 
     async def infer_item(
         self,
-        name: str,
-        version: str,
+        predictor: Predictor,
         item: Item,
         field: str,
         parse: Callable[[Model, Item, str], Awaitable[Tensors]],
         *,
         problem_format: str = "{field}.{problem}",
-        version_field: str = "model_version",
         timeout_s: float | None = None,
     ) -> RowAnswer:
         """`infer_rows` for one item, without its per-list bookkeeping (the typed `Predict` and stream
         messages): the same checks in the same order; a bad item raises its ServingError."""
-        predictor = self.predictor(name, version, version_field)
         model = predictor.model
         predictor.admit(1, timeout_s)
         row = await parse(model, item, field)
@@ -156,28 +207,26 @@ class DataPlane:
 
     async def infer_rows(
         self,
-        name: str,
-        version: str,
+        predictor: Predictor,
         items: Sequence[Item],
         fields: Sequence[str],
         parse: ParseFn,
         *,
         batch_field: str | None = None,
         problem_format: str = "{field}.{problem}",
-        version_field: str = "model_version",
         timeout_s: float | None = None,
     ) -> list[RowAnswer | ServingError]:
         """Predict independently parsed items together; one answer or error per item, in order.
 
-        Order of checks: version, batch size (`batch_field` names the repeated field; None: a
-        single item, not checked), then `parse(model, items, fields)`, which turns item i into
-        its tensors without the batch dimension or the ServingError its parsing raised, then
-        each item's tensors against the model's inputs and the model's row checks.
+        `predictor` comes from `serving` (which checked the model and version). Order of checks: batch
+        size (`batch_field` names the repeated field; None: a single item, not checked), then
+        `parse(model, items, fields)`, which turns item i into its tensors without the batch dimension
+        or the ServingError its parsing raised, then each item's tensors against the model's inputs
+        and the model's row checks.
         `fields[i]` says where item i lives in the request (e.g. `transactions[3]`); a shape or
         row problem reads `problem_format.format(field=..., problem=...)` (the bare problem
         when the field is empty).
         """
-        predictor = self.predictor(name, version, version_field)
         model = predictor.model
         if batch_field is not None:
             check_rows(len(items), model.max_batch_size, batch_field)

@@ -53,6 +53,13 @@ MODEL_INFO = Gauge(
     "inference_model_info", "Served model: platform, device and the runtime providers actually in use",
     ["model", "version", "platform", "device", "providers"],
 )
+MODEL_LOADS = Counter(
+    "inference_model_loads_total",
+    "Version bring-ups (load, warm-up, calibration) by outcome; a failure names the stage that failed",
+    ["model", "version", "outcome", "stage"],
+)
+MODEL_UNLOADS = Counter("inference_model_unloads_total", "Versions retired (after their in-flight requests)",
+                        ["model", "version"])
 MODEL_VARIANT = Gauge(
     "inference_model_variant",
     "Runtime variant served (1): its backend and device, and how it was chosen: auto (hardware and build "

@@ -99,8 +99,8 @@ class Model(ABC):
     async def load(self) -> None:
         """Load off the event loop."""
         await asyncio.get_running_loop().run_in_executor(runtime_threads.LOADER, self._load)
-        metrics.MODEL_INFO.labels(model=self.name, version=self.version, platform=self.config.platform,
-                                  device=self.device, providers=",".join(self.providers)).set(1)
+        self._info_labels = (self.name, self.version, self.config.platform, self.device, ",".join(self.providers))
+        metrics.MODEL_INFO.labels(*self._info_labels).set(1)
         log.info("loaded %s v%s from %s on %s %s", self.name, self.version, self.model_version.artifact_path,
                  self.device, self.providers)
 
@@ -119,9 +119,12 @@ class Model(ABC):
         log.info("warmed up %s v%s: batch sizes %s x %d", self.name, self.version, sizes, n)
 
     async def unload(self) -> None:
-        """Release the runtime."""
+        """Release the runtime (subclasses drop their session); the version's info series goes away."""
         self.ready = False
         metrics.MODEL_READY.labels(model=self.name, version=self.version).set(0)
+        labels = self.__dict__.pop("_info_labels", None)
+        if labels is not None:
+            metrics.MODEL_INFO.remove(*labels)
 
     def check_outputs(self, outputs: Mapping[str, np.ndarray], rows: int) -> None:
         """Raise when the runtime's outputs do not match the declared ones."""

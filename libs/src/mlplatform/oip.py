@@ -20,15 +20,16 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
 
 from mlplatform import __version__, variants
-from mlplatform.dataplane import DataPlane
-from mlplatform.errors import InvalidInputError, ServingError, abort_on_serving_error
+from mlplatform.dataplane import SERVED_ALIASES, DataPlane
+from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_on_serving_error
+from mlplatform.lifecycle import ModelManager, repository_matches
 from mlplatform.streaming import ordered_concurrent
 from mlplatform.tensors import NUMPY_TO_OIP, OIP_TO_NUMPY
 
 Context = grpc.aio.ServicerContext
 
 SERVER_NAME = "mlplatform"
-EXTENSIONS = ["model_configuration", "streaming", "parameters"]
+EXTENSIONS = ["model_configuration", "model_repository", "streaming", "parameters"]
 
 # InferTensorContents field per OIP datatype (FP16/BF16 only travel as raw bytes).
 _CONTENTS_FIELD = {
@@ -105,8 +106,10 @@ def oip_datatype(arr: np.ndarray) -> str:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Serves the models of this process over the Open Inference Protocol."""
 
-    def __init__(self, dataplane: DataPlane, *, max_stream_in_flight: int = 64) -> None:
+    def __init__(self, dataplane: DataPlane, manager: ModelManager | None = None, *,
+                 max_stream_in_flight: int = 64) -> None:
         self.dataplane = dataplane
+        self.manager = manager
         self.max_stream_in_flight = max_stream_in_flight
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -117,7 +120,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @abort_on_serving_error
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self.dataplane.model(request.name, request.version).ready)
+        """Whether the model (its default version, or the version asked for) takes traffic now; False for
+        a version not served (yet, or any more), NOT_FOUND for a model this process never served."""
+        if request.name not in self.dataplane.known:
+            raise NotFoundError(f"unknown model {request.name!r}; served: {self.dataplane.names}")
+        versions = self.dataplane.versions(request.name)
+        if request.version in SERVED_ALIASES:
+            return pb.ModelReadyResponse(ready=bool(versions) and versions[max(versions)].model.ready)
+        predictor = versions.get(int(request.version)) if request.version.isdigit() else None
+        return pb.ModelReadyResponse(ready=predictor is not None and predictor.model.ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -130,7 +141,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[model.version],
+            versions=[str(v) for v in sorted(self.dataplane.versions(model.name))],
             platform=model.config.platform,
             inputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
             outputs=[meta(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
@@ -184,23 +195,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in ordered_concurrent(requests, handle, max_in_flight=self.max_stream_in_flight):
             yield response
 
+    # -- Triton's model repository extension -------------------------------------------------
+
+    @abort_on_serving_error
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
+                              ) -> pb.RepositoryIndexResponse:
+        manager = self._manager(request.repository_name)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            index(name=e.name, version=e.version, state=e.state.value, reason=e.reason)
+            for e in manager.index(ready_only=request.ready)])
+
+    @abort_on_serving_error
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
+                                  ) -> pb.RepositoryModelLoadResponse:
+        manager = self._manager(request.repository_name)
+        manager.check_control("RepositoryModelLoad")
+        config = None
+        for key, value in request.parameters.items():
+            if key != "config":
+                raise InvalidInputError(f"parameters.{key}: not supported at load (only \"config\"; publish model "
+                                        "files as a version folder in the repository)")
+            if value.WhichOneof("parameter_choice") != "string_param":
+                raise InvalidInputError("parameters.config: must be a string_param holding JSON")
+            config = value.string_param
+        await manager.load(request.model_name, config)
+        return pb.RepositoryModelLoadResponse()
+
+    @abort_on_serving_error
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        manager = self._manager(request.repository_name)
+        manager.check_control("RepositoryModelUnload")
+        await manager.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _manager(self, repository_name: str) -> ModelManager:
+        if self.manager is None:
+            raise ServingError("this server has no model repository", grpc.StatusCode.UNIMPLEMENTED)
+        if not repository_matches(self.manager.repository.root, repository_name):
+            raise NotFoundError(f"unknown repository {repository_name!r}; this server's is "
+                                f"{self.manager.repository.root.name!r}")
+        return self.manager
+
     async def _infer(self, request: pb.ModelInferRequest, timeout_s: float | None,
                      json_client: bool = False) -> pb.ModelInferResponse:
-        predictor = self.dataplane.predictor(request.model_name, request.model_version)  # NOT_FOUND first
-        model = predictor.model
-        predictor.admit(1, timeout_s)  # an overloaded model refuses before decoding anything
-        if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
-            raise InvalidInputError(f"{len(request.raw_input_contents)} raw_input_contents for "
-                                    f"{len(request.inputs)} inputs")
-        inputs: dict[str, np.ndarray] = {}
-        for i, tensor in enumerate(request.inputs):
-            if tensor.name in inputs:
-                raise InvalidInputError(f"input {tensor.name!r} is given twice")
-            raw = request.raw_input_contents[i] if request.raw_input_contents else None
-            inputs[tensor.name] = decode_tensor(tensor, raw)
-        wanted = [o.name for o in request.outputs]
-        prediction = await self.dataplane.infer(request.model_name, request.model_version, inputs,
-                                                outputs=wanted, timeout_s=timeout_s)
+        with self.dataplane.serving(request.model_name, request.model_version) as predictor:  # NOT_FOUND first
+            model = predictor.model
+            predictor.admit(1, timeout_s)  # an overloaded model refuses before decoding anything
+            if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+                raise InvalidInputError(f"{len(request.raw_input_contents)} raw_input_contents for "
+                                        f"{len(request.inputs)} inputs")
+            inputs: dict[str, np.ndarray] = {}
+            for i, tensor in enumerate(request.inputs):
+                if tensor.name in inputs:
+                    raise InvalidInputError(f"input {tensor.name!r} is given twice")
+                raw = request.raw_input_contents[i] if request.raw_input_contents else None
+                inputs[tensor.name] = decode_tensor(tensor, raw)
+            wanted = [o.name for o in request.outputs]
+            prediction = await self.dataplane.infer(predictor, inputs, outputs=wanted, timeout_s=timeout_s)
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         response.parameters["cached_rows"].int64_param = int(prediction.cached.sum())
         response.parameters["fallback_rows"].int64_param = int(prediction.fallback.sum())

@@ -7,7 +7,10 @@ cache store. Each step is a span of the request's trace.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +58,32 @@ class Predictor:
         self.batcher = batcher
         self.breaker = breaker
         self.cache = cache
+        self.in_flight = 0
+        """Requests holding this predictor (`serving`), from resolving the model to their answer."""
+        self._idle: asyncio.Event | None = None
+
+    @contextmanager
+    def serving(self) -> Iterator[Predictor]:
+        """Count a request as in flight on this version while it is handled, so that a version being
+        swapped out is only stopped once every request that resolved it has its answer."""
+        self.in_flight += 1
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight (at most `timeout_s`); False when some still are."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return self.in_flight == 0
+        return True
 
     def admit(self, rows: int, timeout_s: float | None) -> None:
         """Refuse at once (RESOURCE_EXHAUSTED) a request the model could not serve in time; called before

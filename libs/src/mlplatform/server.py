@@ -22,8 +22,9 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +36,7 @@ from mlplatform.breaker import Breaker
 from mlplatform.cache import LRUCache, PredictionCache, RedisCache
 from mlplatform.dataplane import DataPlane
 from mlplatform.interceptors import MetricsInterceptor
+from mlplatform.lifecycle import ControlMode, ModelManager
 from mlplatform.model import Model
 from mlplatform.pipeline import NOT_MODEL_FAILURES, Predictor
 from mlplatform.repository import ModelRepository, ModelVersion
@@ -109,27 +111,37 @@ class ModelServer:
     def __init__(self, spec: ServiceSpec, settings: ServiceSettings) -> None:
         self.spec = spec
         self.settings = settings
-        names = settings.served_models(spec.default_model)
-        if not names:
+        self.names = settings.served_models(spec.default_model)
+        if not self.names:
             raise ValueError(f"{spec.name}: no model to serve (set the service's MODELS setting)")
-        repository = ModelRepository(settings.model_repository)
-        pinned = settings.model_version if len(names) == 1 else None
-        self.models = [spec.model_factory(repository.resolve(name, pinned)) for name in names]
+        if settings.model_version is not None and len(self.names) > 1:
+            raise ValueError(f"{spec.name}: MODEL_VERSION pins one model's version; this process serves "
+                             f"{self.names} (use VERSION_POLICY)")
+        self.repository = ModelRepository(settings.model_repository)
         self.cache = build_cache(settings)
-        self.predictors = {m.name: build_predictor(m, settings, self.cache) for m in self.models}
-        self.dataplane = DataPlane(self.predictors)
+        self.dataplane = DataPlane()
+        typed = spec.typed_api is not None
+        self.manager = ModelManager(
+            self.repository, self.dataplane,
+            lambda version: build_predictor(spec.model_factory(version), settings, self.cache),
+            mode=ControlMode(settings.model_control_mode), policy=settings.served_policy(),
+            loadable=(lambda name: name in self.names) if typed else (lambda name: True),
+            warmup_iterations=settings.warmup_iterations, drain_timeout_s=max(settings.grace_period_s, 1.0),
+            on_change=self._refresh_health, env_prefix=settings.model_config.get("env_prefix", ""),
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = 0
         self._stopping = asyncio.Event()
         self.draining = False
+        self._started = False
         self._background: set[asyncio.Task[None]] = set()
 
     @property
-    def model(self) -> Model:
-        """The first (for a typed service: the only) model served."""
-        return self.models[0]
+    def models(self) -> list[Model]:
+        """Every version served now, of every model."""
+        return [p.model for name in self.dataplane.names for p in self.dataplane.versions(name).values()]
 
     @property
     def health_names(self) -> tuple[str, ...]:
@@ -139,6 +151,13 @@ class ModelServer:
         for name in self.health_names:
             await self.health.set(name, status)
 
+    async def _refresh_health(self) -> None:
+        """After the served versions changed: SERVING while some model is served (and all served are ready)."""
+        if self._started:
+            serving = self.dataplane.ready()
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING if serving
+                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def start(self) -> int:
         """Listen (NOT_SERVING), then load and warm up the model, then report SERVING. Returns the port."""
         from inference import grpc_service_pb2_grpc
@@ -146,7 +165,7 @@ class ModelServer:
         from mlplatform.oip import InferenceServicer
 
         s = self.settings
-        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.model.name, self.model.version)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.names[0], "")]
         if tracing.setup_tracing(self.spec.name, s.otel_exporter_otlp_endpoint):
             interceptors.insert(0, tracing.server_interceptor())
         self.server = grpc.aio.server(
@@ -161,10 +180,11 @@ class ModelServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.spec.typed_api is not None:
-            self.spec.typed_api.add_to_server(self.server, self.dataplane, self.model.name,
+            self.spec.typed_api.add_to_server(self.server, self.dataplane, self.names[0],
                                               max_stream_in_flight=s.max_stream_in_flight)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, max_stream_in_flight=s.max_stream_in_flight), self.server)
+            InferenceServicer(self.dataplane, self.manager, max_stream_in_flight=s.max_stream_in_flight),
+            self.server)
         reflection.enable_server_reflection(
             (*self.spec.grpc_service_names, "inference.GRPCInferenceService", reflection.SERVICE_NAME,
              health.SERVICE_NAME),
@@ -175,27 +195,25 @@ class ModelServer:
             raise RuntimeError(f"could not bind {s.host}:{s.grpc_port}")
         await self.server.start()
         self.metrics_port = metrics.start_metrics_server(s.metrics_port, s.host)
-        log.info("%s: gRPC listening on %s:%d (NOT_SERVING until warm-up), cache=%s", self.spec.name, s.host,
-                 self.port, self.cache.backend if self.cache is not None else "off")
-        for model in self.models:
-            await self._load(model)
+        log.info("%s: gRPC listening on %s:%d (NOT_SERVING until warm-up), cache=%s, model control mode %s",
+                 self.spec.name, s.host, self.port, self.cache.backend if self.cache is not None else "off",
+                 s.model_control_mode)
+        for name in self.names:
+            await self.manager.load(name)
         freeze_heap()
+        self._started = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("%s: serving %s (SERVING)", self.spec.name,
                  ", ".join(f"{m.name} v{m.version} on {m.device}" for m in self.models))
+        if s.model_control_mode == ControlMode.POLL:
+            self._spawn(self.manager.poll_forever(s.repository_poll_s))
         return self.port
 
-    async def _load(self, model: Model) -> None:
-        """Load and warm up one model, then start its batcher (padded to its device's sizes)."""
-        batcher = self.predictors[model.name].batcher
-        await model.load()
-        batcher.pad_sizes = model.batch_pad_sizes()
-        if batcher.pad_sizes:
-            log.info("%s: %s batches padded up to sizes %s on %s", self.spec.name, model.name, batcher.pad_sizes,
-                     model.device)
-        await model.warmup(self.settings.warmup_iterations)
-        await batcher.calibrate([model.warmup_inputs(b) for b in sorted({1, model.max_batch_size})])
-        await batcher.start()
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
         """Health NOT_SERVING for good, calls still answered (SIGUSR1): the supervisor's first step of a stop."""
@@ -206,9 +224,7 @@ class ModelServer:
 
     def request_drain(self) -> None:
         """Signal handler of SIGUSR1: `drain` on the event loop."""
-        task = asyncio.get_running_loop().create_task(self.drain())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.drain())
 
     def request_stop(self) -> None:
         """Ask the server to shut down gracefully (signal handler)."""
@@ -229,9 +245,9 @@ class ModelServer:
             await asyncio.sleep(s.drain_delay_s)
         if self.server is not None:
             await self.server.stop(s.grace_period_s)
-        for predictor in self.predictors.values():
-            await predictor.batcher.stop()
-            await predictor.model.unload()
+        for task in list(self._background):
+            task.cancel()
+        await self.manager.close()
         if self.cache is not None:
             await self.cache.close()
         tracing.shutdown_tracing()

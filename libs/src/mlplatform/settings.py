@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Literal, Self, TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mlplatform.config import SpecificVersions, VersionPolicy
 
 
 class SettingsError(ValueError):
@@ -39,7 +41,16 @@ class ServiceSettings(BaseSettings):
     model_name: str = ""
     """Model served; defaults to the service's model name."""
     model_version: int | None = Field(None, ge=1)
-    """Pin a version (single-model services); by default the newest version in the repository is served."""
+    """Pin a version (single-model services): the version policy `specific:<version>`."""
+    version_policy: str = Field("", pattern=r"^(|latest(:[1-9][0-9]*)?|all|specific:[1-9][0-9]*(,[1-9][0-9]*)*)$")
+    """Versions served, for every model of the process: `latest:N`, `all` or `specific:1,3` (Triton's
+    version_policy); empty: each model's own (its newest config's `version_policy`, default the latest)."""
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    """How served versions change after start (Triton's --model-control-mode): `none`, `poll` (new and
+    removed version folders are picked up every `repository_poll_s`) or `explicit` (the OIP repository
+    API's load / unload, refused in the other modes)."""
+    repository_poll_s: float = Field(5.0, gt=0)
+    """Poll interval of the model repository in `poll` mode."""
     models: str = Field("", pattern=r"^[A-Za-z0-9_.,-]*$")
     """Models this process serves, comma-separated (the generic model service); empty: `model_name`."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -81,6 +92,19 @@ class ServiceSettings(BaseSettings):
         """The model names to serve: `models` when set, else `model_name` or the service's `default`."""
         listed = [m.strip() for m in self.models.split(",") if m.strip()]
         return listed or [m for m in [self.model_name or default] if m]
+
+    def served_policy(self) -> VersionPolicy | None:
+        """The service-wide version policy (`model_version` pins one version); None: each model's own."""
+        if self.model_version is not None:
+            return VersionPolicy(specific=SpecificVersions(versions=[self.model_version]))
+        return VersionPolicy.parse(self.version_policy) if self.version_policy else None
+
+    @model_validator(mode="after")
+    def _one_version_setting(self) -> Self:
+        if self.model_version is not None and self.version_policy:
+            raise ValueError(f"model_version ({self.model_version}) and version_policy ({self.version_policy!r}) "
+                             "both choose versions: set one")
+        return self
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:

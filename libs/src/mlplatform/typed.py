@@ -109,16 +109,16 @@ class TypedServicer:
         return await asyncio.to_thread(parse_all) if off_loop and off_loop(items) else parse_all()
 
     async def _answers(self, request: Message, items: Sequence[Message], fields: Sequence[str],
-                       batch: bool, context: Context) -> list[Message | ServingError]:
+                       batch: bool, context: Context) -> tuple[Model, list[Message | ServingError]]:
         api = self.api
-        model = self.dataplane.model(self.model_name)
-        options = api.options(model, request)
-        answers = await self.dataplane.infer_rows(
-            self.model_name, request.model_version, items, fields, self._parse,
-            batch_field=api.batch_field if batch else None, problem_format=api.problem_format,
-            timeout_s=context.time_remaining())
-        return [a if isinstance(a, ServingError) else api.wrap(model, item, a, options)
-                for item, a in zip(items, answers, strict=True)]
+        with self.dataplane.serving(self.model_name, request.model_version, "model_version") as predictor:
+            model = predictor.model
+            options = api.options(model, request)
+            answers = await self.dataplane.infer_rows(
+                predictor, items, fields, self._parse, batch_field=api.batch_field if batch else None,
+                problem_format=api.problem_format, timeout_s=context.time_remaining())
+        return model, [a if isinstance(a, ServingError) else api.wrap(model, item, a, options)
+                       for item, a in zip(items, answers, strict=True)]
 
     async def _parse_one(self, model: Model, item: Message, field: str) -> Tensors:
         off_loop = self.api.parse_off_loop
@@ -130,11 +130,12 @@ class TypedServicer:
         api = self.api
         field = api.item_field
         item = getattr(request, field) if field else request
-        model = self.dataplane.model(self.model_name)
-        options = api.options(model, request)
-        answer = await self.dataplane.infer_item(
-            self.model_name, request.model_version, item, field or "", self._parse_one,
-            problem_format=api.problem_format, timeout_s=context.time_remaining())
+        with self.dataplane.serving(self.model_name, request.model_version, "model_version") as predictor:
+            model = predictor.model
+            options = api.options(model, request)
+            answer = await self.dataplane.infer_item(
+                predictor, item, field or "", self._parse_one, problem_format=api.problem_format,
+                timeout_s=context.time_remaining())
         return api.wrap(model, item, answer, options)
 
     def _error(self, index: int, err: ServingError) -> Message:
@@ -152,10 +153,9 @@ class TypedServicer:
         api = self.api
         items = getattr(request, api.batch_field)
         fields = [f"{api.batch_field}[{i}]" for i in range(len(items))]
-        answers = await self._answers(request, items, fields, True, context)
+        model, answers = await self._answers(request, items, fields, True, context)
         results = [self._error(i, a) if isinstance(a, ServingError) else self._result(**{api.answer_field: a})
                    for i, a in enumerate(answers)]
-        model = self.dataplane.model(self.model_name)
         return api.pb.PredictBatchResponse(results=results, model_name=model.name, model_version=model.version)
 
     async def StreamPredict(self, requests: AsyncIterator[Message], context: Context
