@@ -21,7 +21,7 @@ PERF_VENV := .venv-perf
 BENCH_CONSTRAINTS := bench/mlserver-constraints.txt
 
 .PHONY: help setup protos models run test lint system-deps bench bench-raw bench-curve bench-mix bench-spike \
-        bench-cache bench-cost bench-overload bench-models bench-deps bench-peer constraints clean token gateway-config \
+        bench-cache bench-cost bench-overload bench-swaps bench-models bench-deps bench-peer constraints clean token gateway-config \
         tools tools-constraints k8s-manifests k8s-check compose-config
 
 help:
@@ -29,7 +29,7 @@ help:
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
 	@echo "make bench   - load tests (raw, cost, curve, mix, spike, overload, cache, MLServer peer) -> bench/results/<ts>/report.md"
-	@echo "make bench-raw|bench-cost|bench-curve|bench-mix|bench-spike|bench-overload|bench-cache - one scenario; BENCH_ARGS=--quick for a smoke run"
+	@echo "make bench-raw|bench-cost|bench-curve|bench-mix|bench-spike|bench-overload|bench-cache|bench-swaps - one scenario; BENCH_ARGS=--quick for a smoke run"
 	@echo "make bench-models - the older per-model closed-loop benches in bench/legacy/ (fraud, gateway, cnn, sentiment)"
 	@echo "make bench-peer - MLServer vs our fraud service under perf_analyzer (make bench-deps: its own venvs)"
 	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
@@ -115,11 +115,11 @@ lint: setup
 	$(BIN)/ruff check $(PY_SOURCES)
 
 # `make bench`: every scenario of bench/run.py (raw, cost = CPU per request against the gRPC floor, curve, mix,
-# spike, overload = 2x / 4x capacity and a spike, cache) and the MLServer peer (`make bench-peer`, when
+# spike, overload = 2x / 4x capacity and a spike, cache, swaps = 50 hot swaps under load) and the MLServer peer (`make bench-peer`, when
 # bench/peer_mlserver.py exists) into one bench/results/<timestamp>/ (or BENCH_OUT=dir), then report.md (with
 # the issue-13 Targets table) + report.json + PNGs there. ~25 min on 2 cores.
 # Each scenario alone: make bench-raw | bench-cost | bench-curve | bench-mix | bench-spike | bench-overload |
-# bench-cache | bench-peer.
+# bench-cache | bench-swaps | bench-peer.
 # The older per-model scripts (closed loop, per model): make bench-models.
 ifndef BENCH_OUT
 BENCH_OUT := bench/results/$(shell date -u +%Y%m%dT%H%M%SZ)
@@ -133,7 +133,7 @@ bench: setup models system-deps
 	  $(BIN)/python -m bench report --out $(BENCH_OUT) $(BENCH_ARGS); fi
 	@echo "report: $(BENCH_OUT)/report.md"
 
-bench-raw bench-cost bench-curve bench-mix bench-spike bench-overload bench-cache: bench-%: setup models system-deps
+bench-raw bench-cost bench-curve bench-mix bench-spike bench-overload bench-cache bench-swaps: bench-%: setup models system-deps
 	$(BIN)/python -m bench $* --out $(BENCH_OUT) $(BENCH_ARGS)
 
 bench-models: setup models

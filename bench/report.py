@@ -39,7 +39,7 @@ def machine() -> dict[str, object]:
 
 # ---------------------------------------------------------------- `make bench`: cost and the assembled report
 
-SECTIONS = ("raw", "cost", "curve", "mix", "spike", "overload", "cache", "peer", "price")
+SECTIONS = ("raw", "cost", "curve", "mix", "spike", "overload", "cache", "swaps", "peer", "price")
 """The scenario files (`<name>.md`, `<name>.json`) report.md is assembled from, in this order (`cost`: CPU per
 request against the gRPC floor, bench/cost.py; `price`: $ per 1000 predictions, `price()` here)."""
 TARGET_SECTIONS = ("cost", "overload", "mix", "peer")

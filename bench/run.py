@@ -1,12 +1,13 @@
 """`make bench` and its parts: `python -m bench <scenario ...> [--quick] [--out DIR]`.
 
 Scenarios: raw, cost (bench/cost.py: CPU per request against the gRPC floor, the gateway's CPU per call),
-curve, mix, spike, overload (bench/overload.py: 2x / 4x capacity and a spike), cache, and peer
+curve, mix, spike, overload (bench/overload.py: 2x / 4x capacity and a spike), cache, swaps
+(bench/swaps.py: 50 hot swaps of fraud under steady load, answers and memory checked), and peer
 (bench/peer_mlserver.py, run by `make bench` into the same directory); `all` = every one but peer;
 `report` only re-assembles report.md / report.json (the price section and the Targets table) from the
 JSON already in --out. cost, curve, mix, spike and overload share one platform (Redis, the three
 services with their cache off, the Envoy gateway) started on free loopback ports; raw runs in-process;
-cache starts its own fraud services. Progress lines go to
+cache and swaps start their own fraud services. Progress lines go to
 stdout. Output: --out, else $BENCH_OUT, else bench/results/<UTC timestamp>/.
 """
 
@@ -22,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import cost, overload, report, scenarios  # noqa: E402
+from bench import cost, overload, report, scenarios, swaps  # noqa: E402
 from bench.stack import Stack, log  # noqa: E402
 
-ORDER = ("raw", "cost", "curve", "mix", "spike", "overload", "cache")
+ORDER = ("raw", "cost", "curve", "mix", "spike", "overload", "cache", "swaps")
 NEEDS_STACK = {"cost", "curve", "mix", "spike", "overload"}
 
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if "cache" in names:
         log("scenario cache")
         scenarios.cache(out, repo, cfg)
+    if "swaps" in names:
+        log("scenario swaps")
+        swaps.swaps(out, repo, quick=args.quick)
     report.price(out, args.cpu_core_hour_usd, args.gpu_hour_usd)
     cmd = "python -m bench " + " ".join(args.scenarios) + (" --quick" if args.quick else "")
     path = report.assemble(out, [cmd], {

@@ -56,6 +56,10 @@ class SwapReport:
                    swap_median_s=statistics.median(self.swap_seconds), swap_max_s=max(self.swap_seconds),
                    rss_first_mib=self.rss_mib[0], rss_last_mib=self.rss_mib[-1],
                    rss_max_mib=max(self.rss_mib), rss_growth_pct=100 * self.rss_growth,
+                   # The versions differ in size: after the 2nd swap the same version is served as after
+                   # an even-numbered last one, a like-for-like comparison.
+                   rss_same_version_growth_pct=100 * (self.rss_mib[-1] / self.rss_mib[1 - self.swaps % 2] - 1)
+                   if len(self.rss_mib) > 1 else 0.0,
                    rss_mib=self.rss_mib)
         return out
 
@@ -212,4 +216,27 @@ def swaps(out: Path, repository: Path, quick: bool = False) -> dict[str, object]
         svc.stop()
     summary = report.summary()
     (out / "swaps.json").write_text(json.dumps(summary, indent=2))
+    (out / "swaps.md").write_text(markdown(summary))
     return summary
+
+
+def markdown(s: dict) -> str:
+    """The report's section for the swaps scenario."""
+    verdict = "met" if abs(s["rss_growth_pct"]) <= 5 and not s["failures"] and not s["wrong"] else "NOT met"
+    return "\n".join([
+        "## Hot swaps under load (issue 14)", "",
+        f"{s['swaps']} swaps of fraud between two real builds (tritonclient `load_model` with a version-policy "
+        f"override) while 2 typed gRPC clients and 1 OIP client sent {s['requests']} requests in "
+        f"{s['seconds']:.1f} s; health checked {s['health_checks']} times.", "",
+        "| figure | value |", "|---|---|",
+        f"| failed requests | {len(s['failures'])} |",
+        f"| answers whose value is not their version label's | {len(s['wrong'])} |",
+        f"| health not SERVING | {s['not_serving']} of {s['health_checks']} checks |",
+        f"| answers per transport and version | {', '.join(f'{k}: {v}' for k, v in sorted(s['answers'].items()))} |",
+        f"| swap time (load, warm-up, calibrate, switch, retire), median / max | {s['swap_median_s'] * 1000:.0f} / "
+        f"{s['swap_max_s'] * 1000:.0f} ms |",
+        f"| RSS after the 1st / last swap (max) | {s['rss_first_mib']:.1f} / {s['rss_last_mib']:.1f} "
+        f"({s['rss_max_mib']:.1f}) MiB |",
+        f"| RSS growth, 1st to last swap (goal within 5 %) | {s['rss_growth_pct']:+.1f} % ({verdict}) |",
+        f"| RSS growth between swaps serving the same version (2nd or 1st to last) | "
+        f"{s['rss_same_version_growth_pct']:+.1f} % |", ""])
