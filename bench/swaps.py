@@ -6,7 +6,7 @@ traffic (typed gRPC `Predict` and OIP `ModelInfer` through tritonclient, none pi
 driver swaps the served version back and forth with tritonclient's `load_model` and a version-policy
 override, N times. It checks that no request failed, that every answer's probability is the one its
 version label's model gives for that row (ONNX Runtime on each version's file, in this process), that
-health never left SERVING, and it records the service's resident memory (VmRSS) after each swap.
+health never left SERVING nor ModelReady false, and it records the service's resident memory (VmRSS) after each swap.
 
 `run_swaps` is the measurement; tests/lifecycle/test_hot_swap.py runs it as a test.
 """
@@ -41,6 +41,7 @@ class SwapReport:
     wrong: list[str] = field(default_factory=list)
     """Answers whose value is not their labelled version's."""
     not_serving: int = 0
+    """Health checks that did not find the service SERVING and ModelReady("fraud") true."""
     health_checks: int = 0
     seconds: float = 0.0
 
@@ -151,16 +152,18 @@ def run_swaps(target: str, pid: int, repository: Path, swaps: int = 50, clients:
     def health() -> None:
         channel = grpc.insecure_channel(target)
         stub = health_pb2_grpc.HealthStub(channel)
+        client = tc.InferenceServerClient(target)
         while not stop.is_set():
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                ok = status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
+                ok = status == health_pb2.HealthCheckResponse.SERVING and client.is_model_ready("fraud")
+            except Exception:  # grpc.RpcError, tritonclient's InferenceServerException
                 ok = False
             with lock:
                 report.health_checks += 1
                 report.not_serving += not ok
             time.sleep(0.02)
+        client.close()
         channel.close()
 
     threads = [threading.Thread(target=typed, args=(k,), daemon=True) for k in range(clients)]
@@ -231,7 +234,7 @@ def markdown(s: dict) -> str:
         "| figure | value |", "|---|---|",
         f"| failed requests | {len(s['failures'])} |",
         f"| answers whose value is not their version label's | {len(s['wrong'])} |",
-        f"| health not SERVING | {s['not_serving']} of {s['health_checks']} checks |",
+        f"| health not SERVING or ModelReady false | {s['not_serving']} of {s['health_checks']} checks |",
         f"| answers per transport and version | {', '.join(f'{k}: {v}' for k, v in sorted(s['answers'].items()))} |",
         f"| swap time (load, warm-up, calibrate, switch, retire), median / max | {s['swap_median_s'] * 1000:.0f} / "
         f"{s['swap_max_s'] * 1000:.0f} ms |",
