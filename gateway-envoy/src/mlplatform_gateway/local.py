@@ -62,6 +62,35 @@ def healthy_hosts(admin_port: int, clusters: Collection[str] | None = None) -> i
                and (clusters is None or line.split("::", 1)[0] in clusters))
 
 
+@dataclass(frozen=True)
+class HostStatus:
+    """One upstream host as the admin interface's /clusters shows it."""
+
+    health_flags: str = ""
+    """`healthy`, or the reasons it is not (`/failed_active_hc`, `/failed_outlier_check`, ...)."""
+    rq_active: int = 0
+    """Requests in flight to the host (REST and gRPC alike: both go through the cluster)."""
+
+    @property
+    def healthy(self) -> bool:
+        return self.health_flags == "healthy"
+
+    @property
+    def failed_active_hc(self) -> bool:
+        """Out of rotation because its active health check fails (NOT_SERVING, or nothing listening)."""
+        return "/failed_active_hc" in self.health_flags
+
+
+def host_statuses(admin_port: int) -> dict[tuple[str, str], HostStatus]:
+    """(cluster, `host:port`) -> the host's health flags and requests in flight, from admin /clusters."""
+    stats: dict[tuple[str, str], dict[str, str]] = {}
+    for line in admin_get(admin_port, "/clusters").splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[2] in ("health_flags", "rq_active"):
+            stats.setdefault((parts[0], parts[1]), {})[parts[2]] = parts[3]
+    return {key: HostStatus(s.get("health_flags", ""), int(s.get("rq_active", "0"))) for key, s in stats.items()}
+
+
 def is_live(admin_port: int) -> bool:
     """Envoy has finished initialising and its listeners accept connections."""
     return admin_get(admin_port, "/ready").strip() == "LIVE"
