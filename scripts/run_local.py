@@ -1,11 +1,21 @@
-"""`make run`: start the platform locally (Redis, every service that exists, the Envoy gateway),
-wait until all are healthy, print how to call it, and stop everything on Ctrl-C.
+"""`make run`: start the platform locally (Redis, every service, the Envoy gateway), wait until all are healthy,
+print how to call it, keep it running, roll its replicas on `make rollout`, and stop everything on Ctrl-C.
 
-Redis is started when `redis-server` is installed (or reused when something already
-answers on the Redis port); without it the services fall back to their in-process cache.
-`--replicas N` starts N processes per service (replica i on the service's ports + 100·i)
-behind the gateway's health-checked cluster. Gateway: `GATEWAY_PORT` (8080) and
-`GATEWAY_ADMIN_PORT` (9901, loopback); its JSON access log goes to .run/gateway/access.log.
+Redis is started when `redis-server` is installed (or reused when something already answers on the Redis port,
+and then left alone); without it the services fall back to their in-process cache. `--replicas N` (REPLICAS)
+starts N processes per service behind the gateway's health-checked cluster; `--services fraud,cnn` starts only
+those. Gateway: `GATEWAY_PORT` (8080) and `GATEWAY_ADMIN_PORT` (9901, loopback); its JSON access log goes to
+.run/gateway/access.log.
+
+Supervision (scripts/supervise.py): a replica, Redis (when started here) or Envoy that dies is restarted on its
+own port with backoff (0.5 s doubling to 10 s, reset after 30 s of health) and the rest keep serving; only
+Ctrl-C or SIGTERM stops everything: the gateway, then the services, then Redis.
+
+Port slots: each service has REPLICAS + 1 of them in the gateway's cluster, slot i on the service's ports
++ 100·i; replica i starts on slot i and one slot stays free. `make rollout` (scripts/rollout.py, over the control
+socket .run/supervisor.sock) starts a new replica on the free slot, waits until it is SERVING and the gateway
+routes to it, drains the old one (SIGUSR1: NOT_SERVING, still answering) until the gateway has taken it out of
+rotation with nothing in flight, stops it, and goes on with the next replica: no request fails.
 """
 
 from __future__ import annotations
@@ -19,9 +29,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,11 +46,24 @@ from mlplatform.repository import ModelRepository
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+from supervise import ControlError, ControlServer, StartError, Supervised, claim_socket_path, exit_reason  # noqa: E402
+
 from deploy import catalog  # noqa: E402  (the repository root holds the service list)
 from deploy.catalog import Service  # noqa: E402
 
 SERVICES = catalog.services()
 """Every service of deploy/services.yaml, the one list."""
+
+CONTROL_SOCKET = ROOT / ".run" / "supervisor.sock"
+"""Where a running make run answers `make rollout` (RUN_CONTROL_SOCKET, --control-socket)."""
+SLOT_STRIDE = 100
+"""Slot i of a service listens on its ports + SLOT_STRIDE·i."""
+SERVICE_START_TIMEOUT_S = 180.0
+GATEWAY_ROUTES_TIMEOUT_S = 30.0
+"""How long a rollout waits for the gateway to mark the new replica healthy."""
+DRAIN_TIMEOUT_S = 30.0
+"""How long a rollout waits for the gateway to take a drained replica out of rotation with nothing in flight
+(a long bidi stream can hold it); after that the replica is stopped anyway (SIGTERM: its grace period)."""
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -46,47 +72,14 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def start_redis(port: int, procs: list[subprocess.Popen]) -> str | None:
-    """Redis URL to use, starting redis-server if needed; None when there is no Redis."""
-    url = f"redis://127.0.0.1:{port}/0"
-    if port_open(port):
-        print(f"redis: something already listens on {port}; using it as the cache")
-        return url
-    binary = shutil.which("redis-server")
-    if binary is None:
-        print("redis: redis-server not installed; services use their in-process LRU cache "
-              "(apt-get install redis-server to get the shared cache)")
-        return None
-    workdir = tempfile.mkdtemp(prefix="mlplatform-redis-")
-    procs.append(subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    ))
-    deadline = time.monotonic() + 10
-    while not port_open(port):
-        if time.monotonic() > deadline:
-            raise SystemExit("redis: did not start within 10 s")
-        time.sleep(0.05)
-    print(f"redis: started on 127.0.0.1:{port}")
-    return url
-
-
-def wait_serving(name: str, port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Block until the process on `port` reports SERVING (grpc.health.v1)."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"{name}: exited with code {proc.returncode} during start-up (see its log above)")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise SystemExit(f"{name}: not SERVING after {timeout:.0f} s")
+def grpc_serving(port: int) -> bool:
+    """The process on `port` answers grpc.health.v1 (overall health) with SERVING."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+    except grpc.RpcError:
+        return False
+    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 def configured(svc: Service) -> Service:
@@ -96,57 +89,256 @@ def configured(svc: Service) -> Service:
                    metrics_port=int(os.environ.get(f"{p}METRICS_PORT", svc.metrics_port)))
 
 
-def start_service(svc: Service, replica: int, repo: Path, redis_url: str | None,
-                  procs: list[subprocess.Popen]) -> int:
-    """Start one replica of a service and wait until SERVING; returns its gRPC port."""
-    grpc_port, metrics_port = svc.grpc_port + 100 * replica, svc.metrics_port + 100 * replica
-    p = svc.env_prefix
-    env = {**svc.env(), **os.environ, f"{p}MODEL_REPOSITORY": str(repo), f"{p}GRPC_PORT": str(grpc_port),
-           f"{p}METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1"}
-    # Behind the gateway: keep answering for a moment after NOT_SERVING, so that Envoy's
-    # health check (1 s interval) takes the replica out of rotation before it stops.
-    env.setdefault(f"{p}DRAIN_DELAY_S", "2")
-    if redis_url:
-        env["REDIS_URL"] = redis_url
-    proc = subprocess.Popen([PY, "-m", svc.module], env=env, cwd=ROOT)
-    procs.append(proc)
-    name = svc.name if replica == 0 else f"{svc.name}[{replica}]"
-    wait_serving(name, grpc_port, proc)
-    print(f"{name}: SERVING on 127.0.0.1:{grpc_port} (metrics :{metrics_port})")
-    return grpc_port
+@dataclass
+class ServiceSlots:
+    """A service's port slots behind the gateway, each empty or holding one replica; one is always free (the
+    rollout's "surge" slot), and which one rotates as replicas are rolled. An empty slot fails its health
+    check, so the gateway sends it nothing (healthy_panic_threshold 0)."""
+
+    svc: Service
+    slots: list[Supervised | None]
+
+    def port(self, slot: int) -> int:
+        return self.svc.grpc_port + SLOT_STRIDE * slot
+
+    def metrics_port(self, slot: int) -> int:
+        return self.svc.metrics_port + SLOT_STRIDE * slot
+
+    def host(self, slot: int) -> str:
+        return f"127.0.0.1:{self.port(slot)}"
+
+    def name(self, slot: int) -> str:
+        return self.svc.name if slot == 0 else f"{self.svc.name}[{slot}]"
+
+    def endpoints(self) -> list[str]:
+        return [self.host(slot) for slot in range(len(self.slots))]
+
+    def occupied(self) -> list[int]:
+        return [slot for slot, proc in enumerate(self.slots) if proc is not None]
+
+    def free(self) -> int:
+        return self.slots.index(None)
 
 
-def start_gateway(port: int, admin_port: int, endpoints: dict[str, list[str]],
-                  procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
-    """Render the local gateway config, start Envoy, wait until every upstream host is healthy."""
-    jwks = auth.ensure_dev_keys(gateway.DEFAULT_KEY_DIR).jwks_path
-    files = gateway.prepare_files_dir(ROOT / ".run" / "gateway", jwks)
-    path = files / "envoy.yaml"
-    path.write_text(gateway.render_local(files, port, admin_port, endpoints, files / "access.log"))
-    proc = subprocess.Popen(gateway.envoy_command(path), cwd=ROOT)
-    procs.append(proc)
-    hosts = sum(len(v) for v in endpoints.values())
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gateway: envoy exited with code {proc.returncode} (config: {path})")
+class Stack:
+    """The processes of one make run: Redis (when started here), each service's replicas, the gateway."""
+
+    def __init__(self, repo: Path, services: list[Service], replicas: int, gateway_port: int,
+                 admin_port: int) -> None:
+        self.repo = repo
+        self.groups = {svc.name: ServiceSlots(svc, [None] * (replicas + 1)) for svc in services}
+        self.gateway_port, self.admin_port = gateway_port, admin_port
+        self.stopping = threading.Event()
+        self.redis: Supervised | None = None
+        self.redis_url: str | None = None
+        self.redis_dir: str | None = None
+        self.gateway: Supervised | None = None
+        self._slots_lock = threading.Lock()
+        self._rolling = threading.Lock()
+
+    # -- start-up ---------------------------------------------------------------------------------------------
+
+    def start_redis(self, port: int) -> None:
+        """Use the Redis on `port`, or start (and supervise) one when redis-server is installed."""
+        url = f"redis://127.0.0.1:{port}/0"
+        if port_open(port):
+            print(f"redis: something already listens on {port}; using it as the cache (not supervised)")
+            self.redis_url = url
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            print("redis: redis-server not installed; services use their in-process LRU cache "
+                  "(apt-get install redis-server to get the shared cache)")
+            return
+        self.redis_dir = tempfile.mkdtemp(prefix="mlplatform-redis-")
+        self.redis = Supervised(
+            "redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--dir", self.redis_dir],
+            ready=lambda: port_open(port), ready_message=f"listening on 127.0.0.1:{port}",
+            stdout=subprocess.DEVNULL, halt=self.stopping)
         try:
-            healthy = gateway.healthy_hosts(admin_port, endpoints)
-            if gateway.is_live(admin_port) and healthy == hosts:
-                print(f"gateway: Envoy on 127.0.0.1:{port} (admin 127.0.0.1:{admin_port}), "
-                      f"{healthy}/{hosts} upstream hosts healthy")
+            self.redis.start(timeout=10)
+        except StartError as exc:
+            raise SystemExit(f"{exc} (within 10 s)") from exc
+        print(f"redis: started on 127.0.0.1:{port}")
+        self.redis_url = url
+
+    def replica(self, group: ServiceSlots, slot: int) -> Supervised:
+        """A replica of the service on `slot`'s ports (not started)."""
+        svc, port = group.svc, group.port(slot)
+        p = svc.env_prefix
+        env = {**svc.env(), **os.environ, f"{p}MODEL_REPOSITORY": str(self.repo), f"{p}GRPC_PORT": str(port),
+               f"{p}METRICS_PORT": str(group.metrics_port(slot)), "PYTHONUNBUFFERED": "1"}
+        # Stopped without a drain first (Ctrl-C): keep answering for a moment after NOT_SERVING, so that
+        # Envoy's health check (1 s interval) takes the replica out of rotation before it stops.
+        env.setdefault(f"{p}DRAIN_DELAY_S", "2")
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        return Supervised(group.name(slot), [PY, "-m", svc.module], env=env, cwd=ROOT,
+                          ready=lambda: grpc_serving(port), ready_message=f"SERVING on 127.0.0.1:{port}",
+                          halt=self.stopping)
+
+    def start_replica(self, group: ServiceSlots, slot: int) -> Supervised:
+        """Start a replica on `slot` and wait until it is SERVING; StartError (slot empty again) otherwise."""
+        proc = self.replica(group, slot)
+        with self._slots_lock:
+            group.slots[slot] = proc
+        try:
+            proc.start(SERVICE_START_TIMEOUT_S)
+        except StartError:
+            with self._slots_lock:
+                group.slots[slot] = None
+            raise
+        print(f"{proc.name}: SERVING on 127.0.0.1:{group.port(slot)} (metrics :{group.metrics_port(slot)})",
+              flush=True)
+        return proc
+
+    def start_gateway(self, timeout: float = 30.0) -> None:
+        """Render the local gateway config (every slot of every service), start Envoy, wait until every occupied
+        slot's host is healthy."""
+        jwks = auth.ensure_dev_keys(gateway.DEFAULT_KEY_DIR).jwks_path
+        files = gateway.prepare_files_dir(ROOT / ".run" / "gateway", jwks)
+        path = files / "envoy.yaml"
+        endpoints = {name: group.endpoints() for name, group in self.groups.items()}
+        path.write_text(gateway.render_local(files, self.gateway_port, self.admin_port, endpoints,
+                                             files / "access.log"))
+        self.gateway = Supervised("gateway", gateway.envoy_command(path), cwd=ROOT,
+                                  ready=lambda: self._envoy_live(), ready_message=f"Envoy on 127.0.0.1:"
+                                  f"{self.gateway_port}", halt=self.stopping)
+        try:
+            self.gateway.start(timeout)
+        except StartError as exc:
+            raise SystemExit(f"{exc} (config: {path})") from exc
+        hosts = sum(len(group.occupied()) for group in self.groups.values())
+        free = len(self.groups)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            try:
+                healthy = gateway.healthy_hosts(self.admin_port, self.groups)
+            except OSError:
+                healthy = -1
+            if healthy == hosts:
+                print(f"gateway: Envoy on 127.0.0.1:{self.gateway_port} (admin 127.0.0.1:{self.admin_port}), "
+                      f"{healthy}/{hosts} upstream hosts healthy (+{free} free slots for rollouts)")
                 return
+            time.sleep(0.1)
+        raise SystemExit(f"gateway: not ready with all {hosts} upstream hosts healthy after {timeout:.0f} s")
+
+    def _envoy_live(self) -> bool:
+        try:
+            return gateway.is_live(self.admin_port)
         except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"gateway: not ready with all {hosts} upstream hosts healthy after {timeout:.0f} s")
+            return False
+
+    # -- control: status and rollouts ---------------------------------------------------------------------------
+
+    def status(self, request: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+        """Every supervised process: name, pid, alive, ready, restarts (and a replica's slot and port)."""
+        with self._slots_lock:
+            services = {name: [{**proc.status(), "slot": slot, "port": group.port(slot)}
+                               for slot, proc in enumerate(group.slots) if proc is not None]
+                        for name, group in self.groups.items()}
+        return {"services": services, "redis": self.redis.status() if self.redis else None,
+                "gateway": self.gateway.status() if self.gateway else None,
+                "gateway_port": self.gateway_port, "admin_port": self.admin_port}
+
+    def rollout(self, request: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+        """Replace every replica (of `request["service"]`, else of every service), one at a time, drained first."""
+        name = request.get("service")
+        if name and name not in self.groups:
+            raise ControlError(f"unknown service {name!r}; this make run runs {', '.join(self.groups)}")
+        if not self._rolling.acquire(blocking=False):
+            raise ControlError("a rollout is already in progress")
+        try:
+            groups = [self.groups[name]] if name else list(self.groups.values())
+            rolled = []
+            for group in groups:
+                slots = group.occupied()
+                for n, slot in enumerate(slots, 1):
+                    say(f"{group.svc.name}: replica {n}/{len(slots)}")
+                    rolled.append(self._roll(group, slot, say))
+            say(f"rollout done: {len(rolled)} replica(s) replaced")
+            return {"rolled": rolled}
+        finally:
+            self._rolling.release()
+
+    def _roll(self, group: ServiceSlots, old_slot: int, say: Callable[[str], None]) -> dict[str, Any]:
+        """One replica: new one on the free slot, SERVING and routed to; old one drained, out of rotation, stopped.
+        The old replica is never touched before its replacement is healthy in the gateway."""
+        old = group.slots[old_slot]
+        assert old is not None
+        new_slot = group.free()
+        say(f"{group.name(new_slot)}: starting on 127.0.0.1:{group.port(new_slot)} to replace {old.name} "
+            f"(pid {old.pid})")
+        try:
+            new = self.start_replica(group, new_slot)
+        except StartError as exc:
+            raise ControlError(f"{exc}; {old.name} keeps serving, rollout stopped") from exc
+        say(f"{new.name}: SERVING (pid {new.pid}); waiting for the gateway to route to it")
+        if self._wait_host(group, new_slot, lambda h: h.healthy, GATEWAY_ROUTES_TIMEOUT_S) is None:
+            new.stop(30)
+            with self._slots_lock:
+                group.slots[new_slot] = None
+            raise ControlError(f"the gateway did not mark {new.name} healthy within {GATEWAY_ROUTES_TIMEOUT_S:g} s; "
+                               f"stopped it, {old.name} keeps serving, rollout stopped")
+        old.retire()  # whatever happens to it now, it is not restarted
+        if old.alive:
+            say(f"{old.name}: draining (SIGUSR1: NOT_SERVING, still answering); waiting for the gateway to take "
+                "it out of rotation")
+            old.signal(signal.SIGUSR1)
+            drained = self._wait_host(group, old_slot, lambda h: h.failed_active_hc and h.rq_active == 0,
+                                      DRAIN_TIMEOUT_S)
+            if drained is None:
+                say(f"{old.name}: still in rotation or busy after {DRAIN_TIMEOUT_S:g} s; stopping it anyway")
+            else:
+                say(f"{old.name}: out of rotation, nothing in flight; stopping it (SIGTERM)")
+        code = old.stop(30)
+        with self._slots_lock:
+            group.slots[old_slot] = None
+        say(f"{old.name} (pid {old.pid}) {exit_reason(code)}; {new.name} (pid {new.pid}) serves in its place")
+        return {"service": group.svc.name, "old": {"name": old.name, "pid": old.pid, "port": group.port(old_slot)},
+                "new": {"name": new.name, "pid": new.pid, "port": group.port(new_slot)}}
+
+    def _wait_host(self, group: ServiceSlots, slot: int, want: Callable[[gateway.HostStatus], bool],
+                   timeout: float) -> gateway.HostStatus | None:
+        """Until the gateway shows the slot's host as `want`s it; None after `timeout` s."""
+        key = (group.svc.name, group.host(slot))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.stopping.is_set():
+                raise ControlError("make run is stopping; rollout abandoned")
+            try:
+                status = gateway.host_statuses(self.admin_port).get(key)
+            except OSError:
+                status = None  # the gateway is being restarted
+            if status is not None and want(status):
+                return status
+            time.sleep(0.1)
+        return None
+
+    # -- stop ---------------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Orderly: the gateway, then every replica (in parallel, each drains), then Redis."""
+        self.stopping.set()
+        print("stopping...", flush=True)
+        if self.gateway is not None:
+            self.gateway.stop(10)
+        with self._slots_lock:
+            replicas = [proc for group in self.groups.values() for proc in group.slots if proc is not None]
+        for proc in replicas:
+            proc.terminate()
+        for proc in replicas:
+            proc.wait(30)
+        if self.redis is not None:
+            self.redis.stop(10)
+        if self.redis_dir is not None:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
+        print("stopped.", flush=True)
 
 
-def sentiment_usage(gateway_port: int) -> str:
-    """How to call the sentiment service (REST, gRPC, OIP), when it is one of SERVICES."""
-    svc = next((configured(s) for s in SERVICES if s.name == "sentiment"), None)
-    if svc is None:
-        return ""
+def sentiment_usage(svc: Service, gateway_port: int) -> str:
+    """How to call the sentiment service (REST, gRPC, OIP)."""
     return f"""
   # Sentiment (REST through the gateway; batch: /api/v1/sentiment:batch with {{"texts": [...]}}):
   curl -s http://127.0.0.1:{gateway_port}/api/v1/sentiment -H "Authorization: Bearer $TOKEN" \\
@@ -157,17 +349,13 @@ def sentiment_usage(gateway_port: int) -> str:
 """
 
 
-def usage(repo: Path, fraud: Service, gateway_port: int, admin_port: int) -> str:
+def fraud_usage(repo: Path, fraud: Service, gateway_port: int, admin_port: int) -> str:
+    """How to call the fraud service: REST and gRPC through the gateway, Python and OIP straight to it (follows
+    the TOKEN line)."""
     sample = json.loads((repo / "fraud" / "1" / "sample.json").read_text())
     features = sample["rows"][0]["features"]
     payload = json.dumps({"transaction": {"transaction_id": "tx-1", "features": features}})
-    token = auth.mint_token(auth.ensure_dev_keys(gateway.DEFAULT_KEY_DIR), "dev-user")
-    return f"""
-The platform is up. Call it:
-
-  # REST through the gateway (JWT required; `make token SUB=alice` prints another token):
-  TOKEN={token}
-  curl -s http://127.0.0.1:{gateway_port}/api/v1/fraud -H "Authorization: Bearer $TOKEN" \\
+    return f"""  curl -s http://127.0.0.1:{gateway_port}/api/v1/fraud -H "Authorization: Bearer $TOKEN" \\
     -H 'content-type: application/json' -d '{payload}'
 
   # gRPC through the gateway (same port), or straight to the service on {fraud.grpc_port}:
@@ -186,22 +374,39 @@ PY
   # Open Inference Protocol v2 (tritonclient, perf_analyzer, KServe SDK): model "fraud" at 127.0.0.1:{fraud.grpc_port}
   # Metrics: curl -s http://127.0.0.1:{fraud.metrics_port}/metrics | grep ^inference_
   #          curl -s http://127.0.0.1:{admin_port}/stats/prometheus   (gateway)
+"""
+
+
+def usage(repo: Path, running: dict[str, Service], gateway_port: int, admin_port: int) -> str:
+    """What make run prints once the platform is up: a token and a call for each running service."""
+    token = auth.mint_token(auth.ensure_dev_keys(gateway.DEFAULT_KEY_DIR), "dev-user")
+    fraud = running.get("fraud")
+    cnn = running.get("cnn")
+    sentiment = running.get("sentiment")
+    config_only = [svc for svc in running.values() if svc.config_only]
+    return f"""
+The platform is up. Call it:
+
+  # REST through the gateway (JWT required; `make token SUB=alice` prints another token):
+  TOKEN={token}
+{fraud_usage(repo, fraud, gateway_port, admin_port) if fraud else ""}\
   # Gateway access log (JSON lines): {ROOT / '.run' / 'gateway' / 'access.log'}
 
-{cnn_usage(repo, gateway_port)}
-
-{sentiment_usage(gateway_port)}
-{config_only_usage(repo, gateway_port)}
+{cnn_usage(repo, cnn, gateway_port) if cnn else ""}
+{sentiment_usage(sentiment, gateway_port) if sentiment else ""}
+{config_only_usage(repo, config_only, gateway_port)}
 Limits: 100 requests per minute per API key (the token's `sub`).
-Feature order and valid ranges: {repo / 'fraud' / '1' / 'config.json'} (parameters.features).
+{f"Feature order and valid ranges: {repo / 'fraud' / '1' / 'config.json'} (parameters.features)." if fraud else ""}
+A process that dies is restarted. New code or models: `make rollout` (SERVICE=<name> for one service) replaces
+every replica, one at a time, drained first: no request fails.
 Press Ctrl-C to stop everything.
 """
 
 
-def config_only_usage(repo: Path, gateway_port: int) -> str:
+def config_only_usage(repo: Path, services: list[Service], gateway_port: int) -> str:
     """How to call each config-only model (the generic service): REST through the gateway and OIP."""
     lines = []
-    for svc in (configured(s) for s in SERVICES if s.config_only):
+    for svc in services:
         for model in svc.models:
             spec = ModelRepository(repo).resolve(model).config.inputs[0]
             sample = repo / model / str(ModelRepository(repo).versions(model)[-1]) / "sample.json"
@@ -215,9 +420,8 @@ def config_only_usage(repo: Path, gateway_port: int) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def cnn_usage(repo: Path, gateway_port: int) -> str:
+def cnn_usage(repo: Path, cnn: Service, gateway_port: int) -> str:
     """How to call the cnn service (digit images), with the sample image of its newest version."""
-    cnn = configured(next(svc for svc in SERVICES if svc.name == "cnn"))
     versions = ModelRepository(repo).versions("cnn")
     sample = repo / "cnn" / str(versions[-1] if versions else 1) / "sample.png"
     return f"""  # cnn: classify a digit image (PNG/JPEG/BMP, base64 in JSON; bright ink on dark), top 3 classes:
@@ -229,8 +433,20 @@ def cnn_usage(repo: Path, gateway_port: int) -> str:
 """
 
 
+def selected_services(names: str | None) -> list[Service]:
+    """The services of deploy/services.yaml named in `names` (comma-separated; None: all), ports configured."""
+    if not names:
+        return [configured(svc) for svc in SERVICES]
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {svc.name: svc for svc in SERVICES}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"--services: unknown {', '.join(unknown)}; services: {', '.join(known)}")
+    return [configured(svc) for svc in SERVICES if svc.name in wanted]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--redis-port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
     parser.add_argument("--gateway-port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
@@ -238,48 +454,46 @@ def main(argv: list[str] | None = None) -> int:
                         default=int(os.environ.get("GATEWAY_ADMIN_PORT", "9901")))
     parser.add_argument("--replicas", type=int, default=int(os.environ.get("REPLICAS", "1")),
                         help="processes per service behind the gateway")
+    parser.add_argument("--services", help="comma-separated services to start (default: every one of "
+                        "deploy/services.yaml)")
+    parser.add_argument("--control-socket", type=Path,
+                        default=Path(os.environ.get("RUN_CONTROL_SOCKET", CONTROL_SOCKET)),
+                        help="unix socket `make rollout` talks to (default: .run/supervisor.sock)")
     parser.add_argument("--no-wait", action="store_true", help="exit once everything is healthy (for smoke tests)")
     args = parser.parse_args(argv)
     if args.replicas < 1:
         parser.error("--replicas must be at least 1")
+    services = selected_services(args.services)
+    claim_socket_path(args.control_socket)  # before starting anything: another make run would own the ports
 
-    procs: list[subprocess.Popen] = []
-    stopping = False
+    stack = Stack(args.model_repository, services, args.replicas, args.gateway_port, args.gateway_admin_port)
 
     def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stack.stopping.set()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    control: ControlServer | None = None
     try:
-        redis_url = start_redis(args.redis_port, procs)
-        services = [configured(svc) for svc in SERVICES]
-        endpoints = {
-            svc.name: [f"127.0.0.1:{start_service(svc, i, args.model_repository, redis_url, procs)}"
-                       for i in range(args.replicas)]
-            for svc in services
-        }
-        start_gateway(args.gateway_port, args.gateway_admin_port, endpoints, procs)
-        print(usage(args.model_repository, services[0], args.gateway_port, args.gateway_admin_port), flush=True)
-        while not stopping and not args.no_wait:
-            dead = [p for p in procs if p.poll() is not None]
-            if dead:
-                print(f"a process exited (code {dead[0].returncode}); stopping everything", file=sys.stderr)
-                return 1
+        stack.start_redis(args.redis_port)
+        for group in stack.groups.values():
+            for slot in range(args.replicas):
+                stack.start_replica(group, slot)
+        stack.start_gateway()
+        control = ControlServer(args.control_socket, {"status": stack.status, "rollout": stack.rollout})
+        print(usage(args.model_repository, {svc.name: svc for svc in services}, args.gateway_port,
+                    args.gateway_admin_port), flush=True)
+        while not stack.stopping.is_set() and not args.no_wait:
             time.sleep(0.2)
         return 0
+    except StartError as exc:
+        if stack.stopping.is_set():
+            return 0  # Ctrl-C during start-up
+        raise SystemExit(str(exc)) from exc
     finally:
-        print("stopping...", flush=True)
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        print("stopped.")
+        if control is not None:
+            control.close()
+        stack.shutdown()
 
 
 if __name__ == "__main__":
