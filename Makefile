@@ -25,7 +25,8 @@ BENCH_CONSTRAINTS := bench/mlserver-constraints.txt
         tools tools-constraints k8s-manifests k8s-check compose-config
 
 help:
-	@echo "make run     - set up, build models if missing, start Redis + every service (Ctrl-C stops)"
+	@echo "make run     - set up, build models if missing, start Redis + every service + the gateway, restart what dies (Ctrl-C stops); REPLICAS=2 for two processes per service"
+	@echo "make rollout [SERVICE=fraud] - replace the running make run's replicas one at a time, drained first: no failed request (new code, new models)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
 	@echo "make bench   - load tests (raw, cost, curve, mix, spike, overload, cache, MLServer peer) -> bench/results/<ts>/report.md"
@@ -94,6 +95,14 @@ compose-config: setup
 
 run: setup models
 	$(BIN)/python scripts/run_local.py --model-repository $(MODELS)
+
+# Rolling restart of a running `make run` (over its control socket .run/supervisor.sock): per replica, a new process
+# on the service's free port slot, SERVING and healthy in the gateway, then the old one drained (SIGUSR1) out of
+# rotation and stopped. Exit 1 when a new replica cannot start (the old one keeps serving), 2 without a make run.
+SERVICE ?=
+.PHONY: rollout
+rollout: setup
+	$(BIN)/python scripts/rollout.py $(if $(SERVICE),--service '$(SERVICE)')
 
 # A dev JWT for the gateway, signed with the local dev key (.dev/gateway/, created if missing).
 SUB ?= dev-user
