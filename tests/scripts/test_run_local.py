@@ -28,14 +28,15 @@ def curl_token(text: str) -> str:
     return found.group(1)
 
 
-def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository):
+def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository, tmp_path):
     grpc_port, metrics_port, redis_port = free_port(), free_port(), free_port()
     gateway_port, admin_port = free_port(), free_port()
     sentiment_port = free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
            "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1",
            **CNN_PORTS,
-           "SENTIMENT_GRPC_PORT": str(sentiment_port), "SENTIMENT_METRICS_PORT": str(free_port())}
+           "SENTIMENT_GRPC_PORT": str(sentiment_port), "SENTIMENT_METRICS_PORT": str(free_port()),
+           "RUN_CONTROL_SOCKET": str(tmp_path / "run.sock")}  # not the one of a developer's own make run
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(redis_port)],
@@ -44,6 +45,7 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
     try:
         text = read_until_ready(proc, 180)
         assert "The platform is up" in text, text
+        assert "`make rollout`" in text  # how to roll new code or models in
         assert f"redis: started on 127.0.0.1:{redis_port}" in text
         assert f"fraud: SERVING on 127.0.0.1:{grpc_port}" in text
         assert f"cnn: SERVING on 127.0.0.1:{CNN_PORTS['CNN_GRPC_PORT']}" in text
@@ -108,12 +110,13 @@ def test_run_local_serves_the_printed_call_and_stops_on_ctrl_c(model_repository)
             proc.wait()
 
 
-def test_run_local_puts_replicas_behind_the_gateway(model_repository):
+def test_run_local_puts_replicas_behind_the_gateway(model_repository, tmp_path):
     grpc_port, metrics_port, gateway_port, admin_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(metrics_port),
            "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(admin_port), "PYTHONUNBUFFERED": "1",
            **CNN_PORTS,
-           "SENTIMENT_GRPC_PORT": str(free_port()), "SENTIMENT_METRICS_PORT": str(free_port())}
+           "SENTIMENT_GRPC_PORT": str(free_port()), "SENTIMENT_METRICS_PORT": str(free_port()),
+           "RUN_CONTROL_SOCKET": str(tmp_path / "run.sock")}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(free_port()), "--replicas", "2", "--no-wait"],
@@ -127,5 +130,5 @@ def test_run_local_puts_replicas_behind_the_gateway(model_repository):
     assert f"cnn[1]: SERVING on 127.0.0.1:{cnn_grpc + 100} (metrics :{cnn_metrics + 100})" in out
     assert "sentiment[1]: SERVING on" in out
     assert "generic[1]: SERVING on" in out
-    assert "8/8 upstream hosts healthy" in out, out  # 4 services x 2 replicas
+    assert "8/8 upstream hosts healthy (+4 free slots for rollouts)" in out, out  # 4 services x 2 replicas
     assert "stopped." in out
