@@ -46,7 +46,7 @@ from mlplatform.repository import ModelRepository
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
-from supervise import ControlError, ControlServer, StartError, Supervised, claim_socket_path, exit_reason  # noqa: E402
+from supervise import ControlError, ControlServer, StartError, Supervised, exit_reason  # noqa: E402
 
 from deploy import catalog  # noqa: E402  (the repository root holds the service list)
 from deploy.catalog import Service  # noqa: E402
@@ -129,6 +129,8 @@ class Stack:
         self.groups = {svc.name: ServiceSlots(svc, [None] * (replicas + 1)) for svc in services}
         self.gateway_port, self.admin_port = gateway_port, admin_port
         self.stopping = threading.Event()
+        self.up = threading.Event()
+        """Set once everything has started: rollouts wait for it."""
         self.redis: Supervised | None = None
         self.redis_url: str | None = None
         self.redis_dir: str | None = None
@@ -159,7 +161,7 @@ class Stack:
         try:
             self.redis.start(timeout=10)
         except StartError as exc:
-            raise SystemExit(f"{exc} (within 10 s)") from exc
+            raise StartError(f"{exc} (within 10 s)") from exc
         print(f"redis: started on 127.0.0.1:{port}")
         self.redis_url = url
 
@@ -208,7 +210,7 @@ class Stack:
         try:
             self.gateway.start(timeout)
         except StartError as exc:
-            raise SystemExit(f"{exc} (config: {path})") from exc
+            raise StartError(f"{exc} (config: {path})") from exc
         hosts = sum(len(group.occupied()) for group in self.groups.values())
         free = len(self.groups)
         deadline = time.monotonic() + timeout
@@ -222,7 +224,9 @@ class Stack:
                       f"{healthy}/{hosts} upstream hosts healthy (+{free} free slots for rollouts)")
                 return
             time.sleep(0.1)
-        raise SystemExit(f"gateway: not ready with all {hosts} upstream hosts healthy after {timeout:.0f} s")
+        if self.stopping.is_set():
+            raise StartError("gateway: start-up interrupted")
+        raise StartError(f"gateway: not ready with all {hosts} upstream hosts healthy after {timeout:.0f} s")
 
     def _envoy_live(self) -> bool:
         try:
@@ -245,6 +249,8 @@ class Stack:
     def rollout(self, request: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
         """Replace every replica (of `request["service"]`, else of every service), one at a time, drained first."""
         name = request.get("service")
+        if not self.up.is_set():
+            raise ControlError("make run is still starting; try again once it says the platform is up")
         if name and name not in self.groups:
             raise ControlError(f"unknown service {name!r}; this make run runs {', '.join(self.groups)}")
         if not self._rolling.acquire(blocking=False):
@@ -464,8 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas < 1:
         parser.error("--replicas must be at least 1")
     services = selected_services(args.services)
-    claim_socket_path(args.control_socket)  # before starting anything: another make run would own the ports
-
     stack = Stack(args.model_repository, services, args.replicas, args.gateway_port, args.gateway_admin_port)
 
     def stop(*_: object) -> None:
@@ -473,14 +477,14 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    control: ControlServer | None = None
+    control = ControlServer(args.control_socket, {"status": stack.status, "rollout": stack.rollout})
     try:
         stack.start_redis(args.redis_port)
         for group in stack.groups.values():
             for slot in range(args.replicas):
                 stack.start_replica(group, slot)
         stack.start_gateway()
-        control = ControlServer(args.control_socket, {"status": stack.status, "rollout": stack.rollout})
+        stack.up.set()
         print(usage(args.model_repository, {svc.name: svc for svc in services}, args.gateway_port,
                     args.gateway_admin_port), flush=True)
         while not stack.stopping.is_set() and not args.no_wait:
@@ -491,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0  # Ctrl-C during start-up
         raise SystemExit(str(exc)) from exc
     finally:
-        if control is not None:
-            control.close()
+        control.close()
         stack.shutdown()
 
 
