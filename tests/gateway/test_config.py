@@ -107,7 +107,8 @@ def test_k8s_global_rate_limit_sends_the_same_descriptors_as_the_local_limit(fil
 
 def test_k8s_canary_split_and_header_route(files_dir):
     k8s = yaml.safe_load(render.render("k8s", {"files_dir": str(files_dir)}))
-    routes = _hcm(k8s)["route_config"]["virtual_hosts"][0]["routes"]
+    # The routes to upstreams (the refusals before them: tests/gateway/test_model_control.py).
+    routes = [r for r in _hcm(k8s)["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]
     header_routes = [r for r in routes if "headers" in r["match"]]
     assert header_routes and all(r["route"]["cluster"].endswith("_canary") for r in header_routes)
     assert all(r["match"]["headers"] == [{"name": "x-canary", "string_match": {"exact": "true"}}]
@@ -153,7 +154,8 @@ def test_upstream_cluster_health_and_resilience_settings(files_dir):
 def test_streaming_routes_have_no_overall_timeout(files_dir):
     cfg = yaml.safe_load(render.render("local", {"files_dir": str(files_dir)}))
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    routes = {json.dumps(r["match"]): r["route"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    routes = {json.dumps(r["match"]): r["route"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
+              if "route" in r}
     stream = routes['{"path": "/fraud.v1.FraudService/StreamPredict"}']
     unary = routes['{"prefix": "/fraud.v1.FraudService/"}']
     assert stream["timeout"] == "0s" and stream["idle_timeout"] == "300s"
