@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import cost, overload, report, scenarios, swaps  # noqa: E402
+from bench import cost, overload, report, scenarios  # noqa: E402
 from bench.stack import Stack, log  # noqa: E402
 
 ORDER = ("raw", "cost", "curve", "mix", "spike", "overload", "cache", "swaps")
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.cache(out, repo, cfg)
     if "swaps" in names:
         log("scenario swaps")
-        swaps.swaps(out, repo, quick=args.quick)
+        subprocess.run([sys.executable, "-m", "bench.swaps", "--out", str(out), "--model-repository", str(repo),
+                        *(["--quick"] if args.quick else [])], cwd=ROOT, check=True)
     report.price(out, args.cpu_core_hour_usd, args.gpu_hour_usd)
     cmd = "python -m bench " + " ".join(args.scenarios) + (" --quick" if args.quick else "")
     path = report.assemble(out, [cmd], {

@@ -243,3 +243,25 @@ def markdown(s: dict) -> str:
         f"| RSS growth, 1st to last swap (goal within 5 %) | {s['rss_growth_pct']:+.1f} % ({verdict}) |",
         f"| RSS growth between swaps serving the same version (2nd or 1st to last) | "
         f"{s['rss_same_version_growth_pct']:+.1f} % |", ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.swaps --out DIR`: its own process, because tritonclient's OIP protos and the platform's
+    cannot share one (bench/run.py's raw scenario loads the platform's)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.swaps", description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--quick", action="store_true", help="6 swaps instead of 50")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = swaps(args.out, args.model_repository.resolve(), quick=args.quick)
+    print(f"swaps: {summary['swaps']} swaps, {summary['requests']} requests, {len(summary['failures'])} failed, "
+          f"{len(summary['wrong'])} mislabelled, RSS {summary['rss_first_mib']:.1f} -> {summary['rss_last_mib']:.1f} "
+          f"MiB ({summary['rss_growth_pct']:+.1f} %)", flush=True)
+    return 0 if not summary["failures"] and not summary["wrong"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -123,12 +123,16 @@ def test_report_plots_targets_and_price(run_dir: Path) -> None:
     report = (run_dir / "report.md").read_text()
     order = [report.index(h) for h in ("## Targets (issue 13)", "## 1. Raw", "## Per-request CPU", "## 2. Per-model",
                                        "## 3. Aggregate", "## 4. Spike", "## Overload", "## 5. Prediction cache",
-                                       "## Cost per 1000")]
+                                       "## Hot swaps under load", "## Cost per 1000")]
     assert order == sorted(order)
     for png in ("raw", "curve", "spike", "cache", "overload"):
         assert (run_dir / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     figures = json.loads((run_dir / "report.json").read_text())
-    assert {"machine", "raw", "cost", "curve", "mix", "spike", "overload", "cache", "price", "targets"} <= set(figures)
+    assert {"machine", "raw", "cost", "curve", "mix", "spike", "overload", "cache", "swaps", "price",
+            "targets"} <= set(figures)
+    swaps = figures["swaps"]  # the quick variant: 6 swaps under load, nothing lost or mislabelled
+    assert swaps["swaps"] == 6 and len(swaps["rss_mib"]) == 6 and swaps["requests"] > 0
+    assert swaps["failures"] == [] and swaps["wrong"] == [] and swaps["not_serving"] == 0
     assert {t["item"] for t in figures["targets"]} >= {"1", "3", "4"}
     # The price section follows from this run's figures (not a product of constants).
     price, curve = figures["price"], figures["curve"]["models"]["fraud"]["grpc"]
