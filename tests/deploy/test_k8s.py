@@ -242,7 +242,7 @@ def test_the_gateway_splits_exactly_the_rollouts_canary_weight(rendered):
     config = yaml.safe_load((ROOT / "k8s/overlays/prod/gateway/envoy.yaml").read_text())
     routes = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
         "route_config"]["virtual_hosts"][0]["routes"]
-    weights = {c["name"]: c["weight"] for r in routes if "weighted_clusters" in r["route"]
+    weights = {c["name"]: c["weight"] for r in routes if "weighted_clusters" in r.get("route", {})
                for c in r["route"]["weighted_clusters"]["clusters"] if c["name"].endswith("_canary")}
     rollout_weight = by_kind(rendered["prod"][1], "Rollout")["fraud"]["spec"]["strategy"]["canary"]["steps"][0]
     assert weights and set(weights.values()) == {rollout_weight["setWeight"]}
