@@ -162,12 +162,17 @@ def test_concurrent_calls_are_batched(fraud_service, fraud_rows, onnx_reference)
         return total - le1
 
     before = batches_over_one()
-    rows = perturb(fraud_rows[0][200:456], seed=6)
     channel, client = stub(fraud_service.target)
     with channel:
-        futures = [client.Predict.future(predict_request(r), timeout=20) for r in rows]
-        probs = [f.result().prediction.fraud_probability for f in futures]
-    np.testing.assert_allclose(probs, onnx_reference(rows), atol=TOL)
+        # Whether a burst coalesces depends on how fast the client sends on a busy 2-core machine; a batcher
+        # that never batches fails all three bursts.
+        for burst in range(3):
+            rows = perturb(fraud_rows[0][200:456], seed=6 + burst)
+            futures = [client.Predict.future(predict_request(r), timeout=20) for r in rows]
+            probs = [f.result().prediction.fraud_probability for f in futures]
+            np.testing.assert_allclose(probs, onnx_reference(rows), atol=TOL)
+            if batches_over_one() > before:
+                break
     assert batches_over_one() > before
 
 
