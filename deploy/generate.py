@@ -160,7 +160,8 @@ def service_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(name),
         "spec": {
-            "replicas": svc["autoscaling"]["min_replicas"],
+            # No `replicas`: KEDA's HPA owns the count (ScaledObject minReplicaCount), so re-applying the
+            # manifests never fights it; the dev overlay sets 1 with kustomize's `replicas`.
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector(name)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
@@ -248,13 +249,23 @@ def scaled_object(cfg: dict[str, Any], name: str, svc: dict[str, Any], target: d
     }
 
 
+CANARY_MIN_REQUESTS = 100
+"""Canary requests in the 5-minute window below which the analysis does not judge (Inconclusive): one error
+among a handful of requests is noise, not a regression. A service may set `canary_min_requests`."""
+CANARY_INCONCLUSIVE_LIMIT = 30
+"""Inconclusive measurements (1 a minute) before the analysis is Inconclusive and Argo pauses the rollout for a
+human: half an hour of a canary too idle to judge."""
+
+
 def canary_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Argo Rollout over the service's Deployment: 5 % for 1 h with analysis, then 100 %; abort rolls back."""
+    """Argo Rollout over the service's Deployment: 5 % for 1 h with analysis, then 100 %; abort rolls back.
+
+    No `replicas`: KEDA scales the Rollout (the component retargets the ScaledObject), and the Deployment
+    stays at 0 (Argo's migration guidance for `workloadRef`), so nothing else ever sets the count."""
     weight = render.load_values("k8s")["canary"]["weight_percent"]
     rollout = {
         "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "metadata": {"name": name, "labels": labels(name)},
         "spec": {
-            "replicas": svc["autoscaling"]["min_replicas"],
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector(name)},
             "workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "scaleDown": "progressively"},
@@ -267,7 +278,6 @@ def canary_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list[
                              "args": [{"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}},
                                       {"name": "stable-hash", "valueFrom": {"podTemplateHashValue": "Stable"}}]},
                 "steps": [{"setWeight": weight}, {"pause": {"duration": "1h"}}, {"setWeight": 100}],
-                "abortScaleDownDelaySeconds": 30,
             }},
         },
     }
@@ -275,35 +285,46 @@ def canary_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list[
 
 
 def analysis_queries(cfg: dict[str, Any], name: str) -> dict[str, str]:
-    """PromQL of the canary analysis; `{{args.canary-hash}}` / `{{args.stable-hash}}` filled in by Argo."""
+    """PromQL of the canary analysis; `{{args.canary-hash}}` / `{{args.stable-hash}}` filled in by Argo. Each
+    returns no sample while the canary has answered fewer than its minimum of requests in the window."""
     sel = f'namespace="{cfg["namespace"]}", model="{name}", rollouts_pod_template_hash="{{{{args.%s}}}}"'
+    minimum = cfg["services"][name].get("canary_min_requests", CANARY_MIN_REQUESTS)
     ratio = lambda h: (  # noqa: E731
         f'sum(rate(inference_requests_total{{{sel % h}, status=~"{GRPC_ERROR_STATUSES}"}}[5m]))'
         f' / (sum(rate(inference_requests_total{{{sel % h}}}[5m])) > 0)')  # no traffic: no sample, not NaN
+    enough = f"and on() (sum(increase(inference_requests_total{{{sel % 'canary-hash'}}}[5m])) >= {minimum})"
+    enough_unary = (f"and on() (sum(increase(inference_request_duration_seconds_count{{{sel % 'canary-hash'}, "
+                    f'method!~".*Stream.*"}}[5m])) >= {minimum})')
     return {
         # > 0 when the canary's error ratio exceeds the stable pods' ratio, or 0.1 % when that is lower.
-        "error-rate": (f"(({ratio('canary-hash')}) or vector(0))"
-                       f" - clamp_min(({ratio('stable-hash')}) or vector(0), 0.001)"),
+        "error-rate": (f"((({ratio('canary-hash')}) or vector(0))"
+                       f" - clamp_min(({ratio('stable-hash')}) or vector(0), 0.001)) {enough}"),
         "p95-latency": ("histogram_quantile(0.95, sum by (le) (rate(inference_request_duration_seconds_bucket"
-                        f"{{{sel % 'canary-hash'}, method!~\".*Stream.*\"}}[5m])))"),
+                        f"{{{sel % 'canary-hash'}, method!~\".*Stream.*\"}}[5m]))) {enough_unary}"),
     }
 
 
 def analysis_template(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """Two metrics, each Successful, Failed, or Inconclusive while the canary's sample is too small (no result:
+    neither condition holds); `inconclusiveLimit` of those pause the rollout for a human."""
     q = analysis_queries(cfg, name)
     provider = {"prometheus": {"address": "http://prometheus-operated.monitoring.svc.cluster.local:9090"}}
+    judged = "len(result) > 0 && !isNaN(result[0])"
+    common = {"interval": "1m", "initialDelay": "5m", "failureLimit": 2,
+              "inconclusiveLimit": CANARY_INCONCLUSIVE_LIMIT}
     return {
         "apiVersion": "argoproj.io/v1alpha1", "kind": "AnalysisTemplate",
         "metadata": {"name": f"{name}-canary", "labels": labels(name)},
         "spec": {
             "args": [{"name": "canary-hash"}, {"name": "stable-hash"}],
             "metrics": [
-                {"name": "error-rate", "interval": "1m", "initialDelay": "5m", "failureLimit": 2,
-                 "successCondition": "len(result) == 0 || result[0] <= 0",
+                {"name": "error-rate", **common,
+                 "successCondition": f"{judged} && result[0] <= 0",
+                 "failureCondition": f"{judged} && result[0] > 0",
                  "provider": {"prometheus": {**provider["prometheus"], "query": q["error-rate"]}}},
-                {"name": "p95-latency", "interval": "1m", "initialDelay": "5m", "failureLimit": 2,
-                 # NaN (no canary traffic yet) passes; the error-rate metric still guards.
-                 "successCondition": "len(result) == 0 || isNaN(result[0]) || result[0] <= 0.1",
+                {"name": "p95-latency", **common,
+                 "successCondition": f"{judged} && result[0] <= 0.1",
+                 "failureCondition": f"{judged} && result[0] > 0.1",
                  "provider": {"prometheus": {**provider["prometheus"], "query": q["p95-latency"]}}},
             ],
         },
@@ -486,10 +507,14 @@ def outputs() -> dict[Path, str]:
                  "patch": yaml.safe_dump([{"op": "replace", "path": "/spec/scaleTargetRef",
                                            "value": {"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout",
                                                      "name": n}}], sort_keys=False)} for n in names]
+    retarget += [{"target": {"kind": "Deployment", "name": n},
+                  "patch": yaml.safe_dump([{"op": "add", "path": "/spec/replicas", "value": 0}], sort_keys=False)}
+                 for n in names]
     out[K8S / "components" / "canary" / "kustomization.yaml"] = dump(
         {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", "namespace": NAMESPACE,
          "resources": [f"{n}.yaml" for n in names],
-         # The Rollout owns the replica count now: KEDA scales it, not the (scaled-down) Deployment.
+         # The Rollout owns the replica count now: KEDA scales it; the Deployment stays at 0 (Argo's
+         # migration guidance for workloadRef), so re-applying never brings back pods Argo removed.
          "patches": retarget}, src)
     out[K8S / "overlays" / "kserve" / "services" / "kustomization.yaml"] = dump(
         kustomization([f"{n}.yaml" for n in names]), src)

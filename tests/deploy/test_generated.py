@@ -31,7 +31,7 @@ def test_check_mode_names_a_stale_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "docker").mkdir()
     assert generate.main([]) == 0  # writes into the fake tree
     target = fake_root / "base" / "services" / "fraud.yaml"
-    target.write_text(target.read_text().replace("replicas: 3", "replicas: 4"))
+    target.write_text(target.read_text().replace("minReplicaCount: 3", "minReplicaCount: 4"))
     assert generate.main(["--check"]) == 1
     assert "k8s/base/services/fraud.yaml" in capsys.readouterr().err
 

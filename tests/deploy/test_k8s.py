@@ -215,6 +215,20 @@ def test_scaled_objects_scale_on_queue_depth_with_a_five_minute_scale_down(rende
     assert next(o for o in base if o["kind"] == "ScaledObject")["spec"]["scaleTargetRef"]["kind"] == "Deployment"
 
 
+def test_one_owner_of_each_replica_count(rendered, services):
+    """Argo's migration guidance for `workloadRef`: in prod the Deployments stay at 0 and the Rollouts set no
+    `replicas` (KEDA scales them), so re-applying the manifests neither conflicts with the autoscaler nor
+    brings back pods Argo removed; the base Deployments leave the count to KEDA too."""
+    prod = rendered["prod"][1]
+    assert {n: d["spec"]["replicas"] for n, d in by_kind(prod, "Deployment").items() if n in services} == {
+        n: 0 for n in services}
+    assert all("replicas" not in r["spec"] for r in by_kind(prod, "Rollout").values())
+    assert {so["spec"]["scaleTargetRef"]["kind"] for so in by_kind(prod, "ScaledObject").values()} == {"Rollout"}
+    for name in services:
+        base = list(yaml.safe_load_all((ROOT / f"k8s/base/services/{name}.yaml").read_text()))
+        assert "replicas" not in next(o for o in base if o["kind"] == "Deployment")["spec"]
+
+
 def test_rollouts_canary_five_percent_for_an_hour_with_analysis(rendered, services):
     objects = rendered["prod"][1]
     rollouts, templates = by_kind(objects, "Rollout"), by_kind(objects, "AnalysisTemplate")
