@@ -11,7 +11,8 @@ Outputs (committed, so `kubectl kustomize k8s/overlays/<name>` works without Pyt
   k8s/base/platform/prometheusrule.yaml     monitoring/alerts.yaml as a PrometheusRule
   k8s/components/canary/<name>.yaml    Argo Rollout (workloadRef) + AnalysisTemplate per service
   k8s/overlays/prod/...                GPU pool / guaranteed QoS patches, prod gateway config
-  k8s/overlays/kserve/...              InferenceService per model, gateway config for KServe
+  k8s/overlays/kserve/...              InferenceService per model, gateway config for KServe, and
+                                       knative-features.yaml (the Knative flags the predictors need)
   docker/docker-bake.json              an image target per service (and GPU variant) and the gateway
 
 `python -m deploy.generate` writes them; `--check` exits 1 naming every stale file.
@@ -375,8 +376,29 @@ def guaranteed_patch(name: str, svc: dict[str, Any]) -> dict[str, Any]:
                     "requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}}}]}}}}
 
 
+KNATIVE_FEATURES = {
+    "kubernetes.podspec-nodeselector": "enabled",
+    "kubernetes.podspec-tolerations": "enabled",
+    "kubernetes.podspec-securitycontext": "enabled",
+    "kubernetes.podspec-emptydir": "enabled",
+}
+"""Knative Serving feature flags (ConfigMap `config-features` in `knative-serving`) that the predictors' pod
+specs need: the CPU / GPU pool nodeSelector, the GPU toleration, the pod securityContext (non-root, seccomp)
+and the in-memory /tmp. Off by default in Knative, where such a revision is refused."""
+
+
+def knative_features() -> dict[str, Any]:
+    """A merge patch for Knative's `config-features` enabling KNATIVE_FEATURES (applied by the cluster admin)."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "config-features", "namespace": "knative-serving"}, "data": KNATIVE_FEATURES}
+
+
 def inference_service(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict[str, Any]:
-    """KServe: our image as a custom predictor speaking the Open Inference Protocol over gRPC (port h2c)."""
+    """KServe: our image as a custom predictor speaking the Open Inference Protocol over gRPC (port h2c).
+
+    `canaryTrafficPercent` is a static split between the last ready revision and the new one: KServe moves
+    it only when someone edits it, with no metric analysis and no automatic rollback (the Argo Rollouts
+    canary of the prod overlay has both)."""
     container = model_container(cfg, name, svc)
     container["name"] = "kserve-container"
     container["ports"] = [{"name": "h2c", "containerPort": svc["grpc_port"], "protocol": "TCP"}]
@@ -388,6 +410,8 @@ def inference_service(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> di
            "STORAGE_URI": f"s3://mlplatform-models/{name}"}
     container["env"] = [{"name": k, "value": v} for k, v in env.items()]
     container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    # Knative refuses a container `lifecycle`; its queue-proxy drains a revision's pods itself.
+    container.pop("lifecycle", None)
     spec: dict[str, Any] = {
         "minReplicas": svc["autoscaling"]["min_replicas"], "maxReplicas": svc["autoscaling"]["max_replicas"],
         "canaryTrafficPercent": render.load_values("k8s")["canary"]["weight_percent"],
@@ -518,6 +542,8 @@ def outputs() -> dict[Path, str]:
          "patches": retarget}, src)
     out[K8S / "overlays" / "kserve" / "services" / "kustomization.yaml"] = dump(
         kustomization([f"{n}.yaml" for n in names]), src)
+    # Not a resource of the overlay (it lives in knative-serving): the admin applies it once.
+    out[K8S / "overlays" / "kserve" / "knative-features.yaml"] = dump([knative_features()], "deploy/generate.py")
     prod_patches = [gpu_patch(cfg, n, s) if s["gpu"] else guaranteed_patch(n, s) for n, s in services.items()
                     if s["gpu"] or s["guaranteed"]]
     out[K8S / "overlays" / "prod" / "pools.yaml"] = dump(prod_patches, src)

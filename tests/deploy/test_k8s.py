@@ -300,5 +300,26 @@ def test_kserve_inference_services_are_custom_grpc_predictors_with_a_canary(rend
         assert predictor["labels"] == {"app.kubernetes.io/name": name}  # what the NetworkPolicies select
 
 
+# Knative Serving refuses these pod-spec fields unless its feature flag is on (config-features).
+KNATIVE_FLAGS = {"nodeSelector": "kubernetes.podspec-nodeselector", "tolerations": "kubernetes.podspec-tolerations",
+                 "securityContext": "kubernetes.podspec-securitycontext"}
+
+
+def test_kserve_predictors_can_become_ready_under_knative(rendered):
+    """No container `lifecycle` (Knative rejects it), and every gated pod-spec field the predictors use has its
+    flag in k8s/overlays/kserve/knative-features.yaml, the patch the runbook applies to `config-features`."""
+    (features,) = yaml.safe_load_all((ROOT / "k8s/overlays/kserve/knative-features.yaml").read_text())
+    assert (features["kind"], features["metadata"]) == (
+        "ConfigMap", {"name": "config-features", "namespace": "knative-serving"})
+    enabled = {k for k, v in features["data"].items() if v == "enabled"}
+    for name, isvc in by_kind(rendered["kserve"][1], "InferenceService").items():
+        predictor = isvc["spec"]["predictor"]
+        assert all("lifecycle" not in c for c in predictor["containers"]), name
+        used = {KNATIVE_FLAGS[f] for f in KNATIVE_FLAGS if predictor.get(f)}
+        if any("emptyDir" in v for v in predictor.get("volumes", [])):
+            used.add("kubernetes.podspec-emptydir")
+        assert used and used <= enabled, (name, used - enabled)
+
+
 def test_generator_namespace_is_the_service_list_namespace(deploy_cfg):
     assert generate.NAMESPACE == deploy_cfg["namespace"] == "mlplatform"
