@@ -31,9 +31,12 @@ ENV PATH=/opt/venv/bin:${PATH} PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080 9902
-# The local run's command line (mlplatform_gateway.local.envoy_command) on the mounted config.
+# The local run's command line (mlplatform_gateway.local.envoy_command) on the mounted config. Stop it
+# with `python -m mlplatform_gateway drain` first (Kubernetes: the preStop hook): on a bare SIGTERM Envoy
+# closes its listeners at once and resets the calls in flight.
 ENTRYPOINT ["envoy"]
-CMD ["-c", "/etc/envoy/config/envoy.yaml", "--disable-hot-restart", "--log-level", "warn", "--file-flush-interval-msec", "1000"]
+CMD ["-c", "/etc/envoy/config/envoy.yaml", "--disable-hot-restart", "--log-level", "warn", "--file-flush-interval-msec", "1000", \
+     "--drain-time-s", "5", "--drain-strategy", "immediate"]
 # Envoy's admin /ready (loopback only) says LIVE once every listener is up.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-m", "mlplatform_gateway", "ready", "--admin-port", "9901"]

@@ -9,7 +9,8 @@ those. Gateway: `GATEWAY_PORT` (8080) and `GATEWAY_ADMIN_PORT` (9901, loopback);
 
 Supervision (scripts/supervise.py): a replica, Redis (when started here) or Envoy that dies is restarted on its
 own port with backoff (0.5 s doubling to 10 s, reset after 30 s of health) and the rest keep serving; only
-Ctrl-C or SIGTERM stops everything: the gateway, then the services, then Redis.
+Ctrl-C or SIGTERM stops everything: the gateway (drained first: no call in flight is cut), then the services,
+then Redis.
 
 Port slots: each service has REPLICAS + 1 of them in the gateway's cluster, slot i on the service's ports
 + 100·i; replica i starts on slot i and one slot stays free. `make rollout` (scripts/rollout.py, over the control
@@ -324,12 +325,26 @@ class Stack:
 
     # -- stop ---------------------------------------------------------------------------------------------------
 
+    def stop_gateway(self) -> None:
+        """Drain Envoy (`mlplatform_gateway.local.drain`: health check failed, listeners drained, until no client
+        connection is left, at most its drain time), then SIGTERM it: on a bare SIGTERM Envoy closes its listeners
+        and resets every call in flight."""
+        assert self.gateway is not None
+        if self.gateway.alive:
+            try:
+                result = gateway.drain(self.admin_port, gateway.DRAIN_TIME_S)
+                left = f", {result.connections_left} client connection(s) still open" if result.connections_left else ""
+                print(f"gateway: drained in {result.waited_s:.1f} s{left}", flush=True)
+            except OSError as exc:
+                print(f"gateway: no drain ({exc}); stopping it", flush=True)
+        self.gateway.stop(10)
+
     def shutdown(self) -> None:
         """Orderly: the gateway, then every replica (in parallel, each drains), then Redis."""
         self.stopping.set()
         print("stopping...", flush=True)
         if self.gateway is not None:
-            self.gateway.stop(10)
+            self.stop_gateway()
         with self._slots_lock:
             replicas = [proc for group in self.groups.values() for proc in group.slots if proc is not None]
         for proc in replicas:

@@ -4,6 +4,7 @@
   keys                                 create (or keep) the dev signing key and its JWKS
   token   --sub NAME [--tier T] [--ttl S]   print a signed RS256 token
   ready   [--admin-port P]             exit 0 when Envoy's admin /ready says LIVE (container HEALTHCHECK)
+  drain   [--admin-port P] [--drain-time-s S] [--min-wait-s S]   drain Envoy before its SIGTERM (preStop hook)
 (`--key-dir D` before the command picks the dev key directory; default .dev/gateway)
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 
 from mlplatform_gateway import auth, render
-from mlplatform_gateway.local import DEFAULT_KEY_DIR, ROOT, is_live, prepare_files_dir
+from mlplatform_gateway.local import DEFAULT_KEY_DIR, DRAIN_TIME_S, ROOT, drain, is_live, prepare_files_dir
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -93,6 +94,17 @@ def cmd_ready(args: argparse.Namespace) -> int:
     return 0 if live else 1
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    try:
+        result = drain(args.admin_port, args.drain_time_s, min_wait_s=args.min_wait_s)
+    except OSError as exc:
+        print(f"gateway drain: admin port {args.admin_port}: {exc}", file=sys.stderr)
+        return 1
+    left = f"; {result.connections_left} idle client connection(s) left" if result.connections_left else ""
+    print(f"gateway drained in {result.waited_s:.1f} s{left}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform_gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("ready", help="exit 0 when Envoy is LIVE (admin /ready)")
     p.add_argument("--admin-port", type=int, default=9901)
     p.set_defaults(func=cmd_ready)
+    p = sub.add_parser("drain", help="fail Envoy's health check, drain its listeners, wait for the clients to go")
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--drain-time-s", type=float, default=DRAIN_TIME_S,
+                   help="at most this long (Envoy's --drain-time-s: its listeners close then)")
+    p.add_argument("--min-wait-s", type=float, default=0.0,
+                   help="at least this long (Kubernetes: the pod's endpoint removal reaching every client)")
+    p.set_defaults(func=cmd_drain)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

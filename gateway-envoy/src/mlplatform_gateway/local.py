@@ -4,11 +4,14 @@ readiness read from the admin interface, and `GatewayProcess` (all of it on free
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -20,6 +23,12 @@ from mlplatform_gateway import auth, render
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_KEY_DIR = ROOT / ".dev" / "gateway"
 DESCRIPTORS = ROOT / "protos" / "gen" / "descriptors.pb"
+DRAIN_TIME_S = 5
+"""Local runs' drain window (Envoy's `--drain-time-s`): how long a stopping gateway keeps accepting while it tells
+clients to go away (`Connection: close`, HTTP/2 GOAWAY); its listeners close when it ends. Kubernetes uses
+longer (k8s/base/platform/gateway/gateway.yaml)."""
+GATEWAY_STAT_PREFIX = "gateway"
+"""The client listener's http_connection_manager stat_prefix (envoy.yaml.j2)."""
 
 
 def prepare_files_dir(directory: Path, jwks_path: Path, descriptors: Path = DESCRIPTORS) -> Path:
@@ -41,10 +50,15 @@ def render_local(files_dir: Path, port: int, admin_port: int, endpoints: dict[st
     return render.render("local", render.deep_merge(base, overrides or {}))
 
 
-def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int | None = None) -> list[str]:
-    """Envoy's command line for a local process (no hot restart, so several can run side by side)."""
+def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int | None = None,
+                  drain_time_s: int = DRAIN_TIME_S) -> list[str]:
+    """Envoy's command line for a local process (no hot restart, so several can run side by side).
+
+    `--drain-strategy immediate`: once a drain starts (`drain`), every connection is told to close at its next
+    response, not a growing share of them over the drain window; the listeners close `drain_time_s` later."""
     cmd = [render.envoy_binary(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn",
-           "--file-flush-interval-msec", str(log_flush_ms)]
+           "--file-flush-interval-msec", str(log_flush_ms),
+           "--drain-time-s", str(drain_time_s), "--drain-strategy", "immediate"]
     if concurrency is not None:
         cmd += ["--concurrency", str(concurrency)]
     return cmd
@@ -53,6 +67,81 @@ def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int 
 def admin_get(admin_port: int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=2) as resp:
         return resp.read().decode()
+
+
+def admin_post(admin_port: int, path: str) -> str:
+    req = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=2) as resp:
+        return resp.read().decode()
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """The gateway listener's clients, from its http_connection_manager's stats."""
+
+    connections: int
+    """Client connections open (`downstream_cx_active`)."""
+    requests_active: int
+    """Requests in flight (`downstream_rq_active`)."""
+    requests_total: int
+    """Requests so far (`downstream_rq_total`)."""
+
+
+def downstream(admin_port: int, stat_prefix: str = GATEWAY_STAT_PREFIX) -> Downstream:
+    """The client listener's connections and requests (stats `http.<stat_prefix>.downstream_*`)."""
+    prefix = f"http.{stat_prefix}."
+    wanted = ("downstream_cx_active", "downstream_rq_active", "downstream_rq_total")
+    pattern = "^" + re.escape(prefix) + "(" + "|".join(wanted) + ")$"
+    values = dict.fromkeys(wanted, 0)
+    for line in admin_get(admin_port, "/stats?filter=" + urllib.parse.quote(pattern)).splitlines():
+        key, _, value = line.partition(":")
+        name = key.strip().removeprefix(prefix)
+        if name in values:
+            values[name] = int(value)
+    return Downstream(*values.values())
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """How a drain went: seconds waited, and client connections still open when it stopped waiting (idle ones,
+    or any when the drain time ran out)."""
+
+    waited_s: float
+    connections_left: int
+
+
+def drain(admin_port: int, drain_time_s: float = DRAIN_TIME_S, min_wait_s: float = 0.0, quiet_s: float = 1.0,
+          poll_s: float = 0.1) -> DrainResult:
+    """Drain the gateway before its SIGTERM (on a bare SIGTERM Envoy closes its listeners at once and resets every
+    call in flight).
+
+    `/healthcheck/fail` (`/healthz` answers 503, so load balancers stop choosing this gateway, and every
+    connection is closed after its current response), then `/drain_listeners?graceful` (Envoy's drain sequence:
+    HTTP/1 `Connection: close`, HTTP/2 GOAWAY; the listeners keep accepting for `--drain-time-s`, then close),
+    then wait at least `min_wait_s` (Kubernetes: until the endpoint removal has reached every client) and until
+    every client connection is closed, or only idle ones are left (no request in flight and none started for
+    `quiet_s`: Envoy closes an idle keep-alive connection only at its next request), at most `drain_time_s`.
+    Used by `make run`'s stop, `GatewayProcess.stop` and the Kubernetes preStop hook
+    (`python -m mlplatform_gateway drain`)."""
+    start = time.monotonic()
+    admin_post(admin_port, "/healthcheck/fail")
+    admin_post(admin_port, "/drain_listeners?graceful")
+    last_total, quiet_since, left = -1, start, 0
+    while True:
+        now = time.monotonic()
+        try:
+            d = downstream(admin_port)
+        except OSError:
+            left = 0  # the admin interface is gone (Envoy exited): nothing left to wait for
+            break
+        left = d.connections
+        if d.requests_total != last_total or d.requests_active:
+            last_total, quiet_since = d.requests_total, now
+        idle = d.connections == 0 or now - quiet_since >= quiet_s
+        if (now - start >= min_wait_s and idle) or now - start >= drain_time_s:
+            break
+        time.sleep(poll_s)
+    return DrainResult(round(time.monotonic() - start, 3), left)
 
 
 def healthy_hosts(admin_port: int, clusters: Collection[str] | None = None) -> int:
@@ -117,6 +206,7 @@ class GatewayProcess:
     port: int = field(default_factory=_free_port)
     admin_port: int = field(default_factory=_free_port)
     concurrency: int | None = None
+    drain_time_s: int = DRAIN_TIME_S
     proc: subprocess.Popen | None = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gateway-")))
 
@@ -140,8 +230,9 @@ class GatewayProcess:
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.config_path.write_text(self.render())
         log = (self.workdir / "envoy.log").open("w")
-        self.proc = subprocess.Popen(envoy_command(self.config_path, log_flush_ms=200, concurrency=self.concurrency),
-                                     stdout=log, stderr=subprocess.STDOUT)
+        cmd = envoy_command(self.config_path, log_flush_ms=200, concurrency=self.concurrency,
+                            drain_time_s=self.drain_time_s)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         for cluster, hosts in self.endpoints.items():
             self.wait_healthy(len(hosts), timeout, cluster=cluster)
         return self
@@ -177,8 +268,14 @@ class GatewayProcess:
             return []
         return [json.loads(line) for line in self.access_log_path.read_text().splitlines() if line.strip()]
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> DrainResult | None:
+        """`drain`, then SIGTERM (what `make run` does: no call lost); `graceful=False`: SIGTERM alone, which
+        Envoy answers by closing every connection at once. The drain's result, when there was one."""
+        result = None
         if self.proc and self.proc.poll() is None:
+            if graceful:
+                with contextlib.suppress(OSError):  # no admin interface: SIGTERM it all the same
+                    result = drain(self.admin_port, self.drain_time_s)
             self.proc.terminate()
             try:
                 self.proc.wait(10)
@@ -186,3 +283,4 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        return result
