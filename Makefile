@@ -33,7 +33,7 @@ help:
 	@echo "make bench-raw|bench-cost|bench-curve|bench-mix|bench-spike|bench-overload|bench-cache|bench-swaps - one scenario; BENCH_ARGS=--quick for a smoke run"
 	@echo "make bench-models - the older per-model closed-loop benches in bench/legacy/ (fraud, gateway, cnn, sentiment)"
 	@echo "make bench-peer - MLServer vs our fraud service under perf_analyzer (make bench-deps: its own venvs)"
-	@echo "make token SUB=alice [TIER=pro] - print a dev JWT for the gateway"
+	@echo "make token SUB=alice [TIER=pro] [TESTER=1] - print a dev JWT for the gateway (TESTER=1: its calls reach a running canary)"
 	@echo "make gateway-config VARIANT=local|compose|k8s - render (and validate) the Envoy config"
 	@echo "make k8s-manifests - regenerate k8s/ files that follow deploy/services.yaml, the gateway template, alerts"
 	@echo "make k8s-check     - render every overlay and validate it (the tests in tests/deploy)"
@@ -107,9 +107,10 @@ rollout: setup
 # A dev JWT for the gateway, signed with the local dev key (.dev/gateway/, created if missing).
 SUB ?= dev-user
 TIER ?=
+TESTER ?=
 token:
 	@$(MAKE) --no-print-directory -s setup >&2  # only the token on stdout: TOKEN=$$(make -s token)
-	@$(BIN)/python -m mlplatform_gateway token --sub '$(SUB)' $(if $(TIER),--tier '$(TIER)')
+	@$(BIN)/python -m mlplatform_gateway token --sub '$(SUB)' $(if $(TIER),--tier '$(TIER)') $(if $(TESTER),--canary-tester)
 
 VARIANT ?= local
 gateway-config: setup

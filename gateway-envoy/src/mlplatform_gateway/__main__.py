@@ -2,7 +2,7 @@
 
   render  --variant local|compose|k8s [--files-dir D] [--set key.path=value ...] [--out F] [--validate]
   keys                                 create (or keep) the dev signing key and its JWKS
-  token   --sub NAME [--tier T] [--ttl S]   print a signed RS256 token
+  token   --sub NAME [--tier T] [--ttl S] [--canary-tester]   print a signed RS256 token
   ready   [--admin-port P]             exit 0 when Envoy's admin /ready says LIVE (container HEALTHCHECK)
   drain   [--admin-port P] [--drain-time-s S] [--min-wait-s S]   drain Envoy before its SIGTERM (preStop hook)
 (`--key-dir D` before the command picks the dev key directory; default .dev/gateway)
@@ -79,7 +79,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     key = auth.ensure_dev_keys(args.key_dir)
-    print(auth.mint_token(key, args.sub, ttl_s=args.ttl, tier=args.tier))
+    print(auth.mint_token(key, args.sub, ttl_s=args.ttl, tier=args.tier, canary_tester=args.canary_tester))
     return 0
 
 
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sub", required=True, help="the API key the gateway rate-limits by")
     p.add_argument("--tier", help="rate-limit tier claim (standard, pro, internal)")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (the gateway accepts up to 24 h)")
+    p.add_argument("--canary-tester", action="store_true",
+                   help=f"add the `{auth.CANARY_TESTER_CLAIM}: true` claim: the token's calls go to a running canary")
     p.set_defaults(func=cmd_token)
     p = sub.add_parser("ready", help="exit 0 when Envoy is LIVE (admin /ready)")
     p.add_argument("--admin-port", type=int, default=9901)

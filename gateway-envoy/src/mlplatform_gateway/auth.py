@@ -3,7 +3,9 @@
 `ensure_dev_keys` writes an RSA key pair (private key mode 0600, never committed) and the
 matching JWKS that the local and compose variants load; `mint_token` signs an RS256 token
 with the claims the gateway checks: `iss`, `aud`, `sub` (the API key the rate limit counts
-by), optional `tier`, `iat` and `exp`. Production issuers publish their own JWKS URI.
+by), optional `tier`, `iat` and `exp`, and optionally `canary_tester: true` (the only way to
+reach a running canary: the gateway drops clients' `x-canary` header and sets it from this
+claim). Production issuers publish their own JWKS URI.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ DEV_ISSUER = "mlplatform-dev"
 DEV_AUDIENCE = "mlplatform-api"
 PRIVATE_KEY_FILE = "signing-key.pem"
 JWKS_FILE = "jwks.json"
+CANARY_TESTER_CLAIM = "canary_tester"
+"""A verified token with this claim `true` routes to the canary (variants/k8s.yaml `canary.claim`)."""
 
 
 def _b64url_uint(value: int) -> str:
@@ -89,8 +93,9 @@ def ensure_dev_keys(directory: Path) -> SigningKey:
 
 def mint_token(key: SigningKey, sub: str, *, ttl_s: int = 3600, tier: str | None = None,
                issuer: str = DEV_ISSUER, audience: str = DEV_AUDIENCE, now: float | None = None,
-               extra: dict[str, object] | None = None) -> str:
-    """An RS256 JWT for `sub`, valid for `ttl_s` seconds (the gateway caps the lifetime)."""
+               canary_tester: bool = False, extra: dict[str, object] | None = None) -> str:
+    """An RS256 JWT for `sub`, valid for `ttl_s` seconds (the gateway caps the lifetime); `canary_tester`:
+    its calls go to a running canary."""
     if not sub:
         raise ValueError("sub must not be empty: it is the API key the gateway rate-limits by")
     if ttl_s <= 0:
@@ -99,5 +104,7 @@ def mint_token(key: SigningKey, sub: str, *, ttl_s: int = 3600, tier: str | None
     claims: dict[str, object] = {"iss": issuer, "aud": audience, "sub": sub, "iat": iat, "exp": iat + ttl_s}
     if tier:
         claims["tier"] = tier
+    if canary_tester:
+        claims[CANARY_TESTER_CLAIM] = True
     claims.update(extra or {})
     return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid})

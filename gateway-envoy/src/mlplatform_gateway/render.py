@@ -169,6 +169,9 @@ def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> s
     canary = values.get("canary")
     if canary and not 0 <= canary.get("weight_percent", -1) <= 100:
         raise GatewayConfigError(f"canary.weight_percent must be within 0..100, got {canary.get('weight_percent')!r}")
+    if canary and not (canary.get("header") and canary.get("claim")):
+        raise GatewayConfigError("canary needs `header` (the canary route's header) and `claim` (the token claim "
+                                 "that alone sets it; clients' own header is dropped)")
     context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values)}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(_package_text("envoy.yaml.j2")).render(**context)
