@@ -205,7 +205,7 @@ class Stack:
         endpoints = {name: group.endpoints() for name, group in self.groups.items()}
         path.write_text(gateway.render_local(files, self.gateway_port, self.admin_port, endpoints,
                                              files / "access.log"))
-        self.gateway = Supervised("gateway", gateway.envoy_command(path), cwd=ROOT,
+        self.gateway = Supervised("gateway", gateway.envoy_command(path, drain_time_s=gateway.DRAIN_TIME_S), cwd=ROOT,
                                   ready=lambda: self._envoy_live(), ready_message=f"Envoy on 127.0.0.1:"
                                   f"{self.gateway_port}", halt=self.stopping)
         try:

@@ -167,7 +167,12 @@ def test_gateway_runs_the_rendered_config(rendered):
         container = pod["containers"][0]
         workers = int(float(str(container["resources"]["limits"]["cpu"]).removesuffix("m")) /
                       (1000 if str(container["resources"]["limits"]["cpu"]).endswith("m") else 1))
-        assert container["args"] == envoy_command(Path("/etc/envoy/config/envoy.yaml"), concurrency=workers)[1:]
+        # with the preStop drain's window (tests/gateway/test_drain.py checks the hook and the grace period)
+        drain_time = int(container["args"][container["args"].index("--drain-time-s") + 1])
+        assert container["args"] == envoy_command(Path("/etc/envoy/config/envoy.yaml"), concurrency=workers,
+                                                  drain_time_s=drain_time)[1:]
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:4] == ["python", "-m", "mlplatform_gateway", "drain"]
         cm_name = pod["volumes"][0]["configMap"]["name"]
         assert cm_name.startswith("gateway-envoy-")  # hashed: a config change rolls the gateway
         source = {"dev": "base/platform", "prod": "overlays/prod", "kserve": "overlays/kserve"}[overlay]

@@ -51,14 +51,17 @@ def render_local(files_dir: Path, port: int, admin_port: int, endpoints: dict[st
 
 
 def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int | None = None,
-                  drain_time_s: int = DRAIN_TIME_S) -> list[str]:
+                  drain_time_s: int | None = None) -> list[str]:
     """Envoy's command line for a local process (no hot restart, so several can run side by side).
 
-    `--drain-strategy immediate`: once a drain starts (`drain`), every connection is told to close at its next
-    response, not a growing share of them over the drain window; the listeners close `drain_time_s` later."""
+    `drain_time_s` (`make run` and `GatewayProcess`: DRAIN_TIME_S) adds `--drain-time-s` and `--drain-strategy
+    immediate`: once a drain starts (`drain`), every connection is told to close at its next response, not a
+    growing share of them over the window; the listeners close `drain_time_s` later. Without it Envoy's defaults
+    apply (600 s, gradual)."""
     cmd = [render.envoy_binary(), "-c", str(config_path), "--disable-hot-restart", "--log-level", "warn",
-           "--file-flush-interval-msec", str(log_flush_ms),
-           "--drain-time-s", str(drain_time_s), "--drain-strategy", "immediate"]
+           "--file-flush-interval-msec", str(log_flush_ms)]
+    if drain_time_s is not None:
+        cmd += ["--drain-time-s", str(drain_time_s), "--drain-strategy", "immediate"]
     if concurrency is not None:
         cmd += ["--concurrency", str(concurrency)]
     return cmd
