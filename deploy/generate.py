@@ -563,7 +563,7 @@ def outputs() -> dict[Path, str]:
     out[K8S / "overlays" / "prod" / "gateway" / "envoy.yaml"] = render.render("k8s", PROD_JWKS)
     kserve_endpoints = {n: [f"{n}-predictor.{cfg['namespace']}.svc.cluster.local:80"] for n in names}
     out[K8S / "overlays" / "kserve" / "gateway" / "envoy.yaml"] = render.render(
-        "k8s", {"canary": None, "upstreams": {"endpoints": kserve_endpoints}})
+        "k8s", {"canary": None, "upstreams": {"endpoints": kserve_endpoints, "host_rewrite": True}})
     out[K8S / "base" / "platform" / "ratelimit" / "config.yaml"] = dump(ratelimit_config(), gw)
     cache_clients = [n for n, s in services.items() if s["redis"]]
     out[K8S / "base" / "platform" / "redis.yaml"] = dump(

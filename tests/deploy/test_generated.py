@@ -67,7 +67,14 @@ def test_kserve_gateway_routes_to_the_predictors_without_its_own_canary(services
     for name in clusters.keys() & services.keys():
         ep = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         assert ep["socket_address"] == {"address": f"{name}-predictor.mlplatform.svc.cluster.local", "port_value": 80}
+        # Knative routes by Host: health checks and requests carry the predictor's name, not the client's host.
+        (check,) = clusters[name]["health_checks"]
+        assert check["grpc_health_check"]["authority"] == f"{name}-predictor.mlplatform.svc.cluster.local"
     assert not any(n.endswith("_canary") for n in clusters)
+    routes = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "route_config"]["virtual_hosts"][0]["routes"]
+    to_predictors = [r["route"] for r in routes if r.get("route", {}).get("cluster") in services]
+    assert to_predictors and all(r["auto_host_rewrite"] is True for r in to_predictors)
 
 
 def test_ratelimit_service_config_holds_the_gateway_tiers():
