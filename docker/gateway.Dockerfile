@@ -6,19 +6,30 @@
 # gateway-envoy ConfigMap).
 #   docker buildx bake -f docker/docker-bake.json gateway    (or docker build -f docker/gateway.Dockerfile .)
 
-# Pinned base: exact Python patch and Debian release.
-FROM python:3.11.14-slim-bookworm AS python
+# Offline builds (no registry, no PyPI): as docker/service.Dockerfile, with PYTHON_IMAGE, PIP_OFFLINE=1 and
+# `--build-context wheelhouse=build/wheelhouse` (`make images`).
+
+# Pinned base by default: exact Python patch and Debian release (`make base-image`: Debian's Python 3.11).
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+# Wheels for offline installs (empty unless replaced with --build-context wheelhouse=<dir>).
+FROM scratch AS wheelhouse
+
+FROM ${PYTHON_IMAGE} AS python
 
 FROM python AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_OFFLINE=
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_FIND_LINKS=/wheels
 WORKDIR /src
 COPY constraints.txt ./
 COPY protos/ protos/
-RUN python -m venv /opt/protoc \
- && /opt/protoc/bin/pip install -c constraints.txt grpcio-tools googleapis-common-protos \
+RUN --mount=type=bind,from=wheelhouse,target=/wheels \
+    python -m venv /opt/protoc \
+ && /opt/protoc/bin/pip install ${PIP_OFFLINE:+--no-index} -c constraints.txt grpcio-tools googleapis-common-protos \
  && /opt/protoc/bin/python protos/generate.py
 COPY gateway-envoy/ gateway-envoy/
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install -c constraints.txt ./gateway-envoy
+RUN --mount=type=bind,from=wheelhouse,target=/wheels \
+    python -m venv /opt/venv && /opt/venv/bin/pip install ${PIP_OFFLINE:+--no-index} -c constraints.txt ./gateway-envoy
 
 FROM python AS runtime
 LABEL org.opencontainers.image.title="mlplatform-gateway" \

@@ -5,11 +5,21 @@
 # onnxruntime-gpu, CUDA torch. Only runtime dependencies (never a service's `[build]` extra);
 # no models inside: mount a model repository at /models (compose) or let Kubernetes copy it in.
 # Each service's image (and GPU variant) is a target in docker/docker-bake.json; deploy/services.yaml lists them.
+# Offline (air-gapped CI, `make images`): wheels from a wheelhouse, a base that needs no registry:
+#   docker build -f docker/service.Dockerfile --build-arg SERVICE=fraud --build-arg PIP_OFFLINE=1 \
+#     --build-context wheelhouse=build/wheelhouse --build-arg PYTHON_IMAGE=localhost/mlplatform/python:3.11-bookworm .
 
 ARG VARIANT=cpu
+# The CPU variant's base: the official slim image by default; `make base-image` makes one from Debian
+# bookworm's Python 3.11 (debootstrap) where no registry can be reached.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+# Wheels for offline installs, mounted at /wheels in the build stage: empty unless replaced with
+# `--build-context wheelhouse=<dir>` (`make wheelhouse`); with PIP_OFFLINE=1 pip reads only them.
+FROM scratch AS wheelhouse
 
 # --- Python runtime, per variant (pinned bases: exact patch and OS release tags) -------------
-FROM python:3.11.14-slim-bookworm AS python-cpu
+FROM ${PYTHON_IMAGE} AS python-cpu
 # Where torch comes from (services that use it): the CPU build, never PyPI's CUDA-dependent default.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV TORCH_INDEX=${TORCH_INDEX}
@@ -28,26 +38,30 @@ ENV TORCH_INDEX=${TORCH_INDEX}
 FROM python-${VARIANT} AS build
 ARG SERVICE
 ARG VARIANT
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ARG PIP_OFFLINE=
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_FIND_LINKS=/wheels
 WORKDIR /src
 COPY constraints.txt docker/constraints-gpu.txt ./
 COPY protos/ protos/
 # protoc lives in a throw-away venv: generated stubs only go into the image.
-RUN python -m venv /opt/protoc \
- && /opt/protoc/bin/pip install -c constraints.txt grpcio-tools googleapis-common-protos \
+RUN --mount=type=bind,from=wheelhouse,target=/wheels \
+    python -m venv /opt/protoc \
+ && /opt/protoc/bin/pip install ${PIP_OFFLINE:+--no-index} -c constraints.txt grpcio-tools googleapis-common-protos \
  && /opt/protoc/bin/python protos/generate.py
 COPY libs/ libs/
 COPY services/${SERVICE}/ services/${SERVICE}/
 # libs[gpu] brings onnxruntime-gpu, which shares its import name with the CPU wheel a service
 # may pull in: the CPU wheel is removed and the GPU one reinstalled over it.
-RUN test -n "${SERVICE}" || { echo "build arg SERVICE is required (fraud, cnn, sentiment)"; exit 1; } \
+RUN --mount=type=bind,from=wheelhouse,target=/wheels \
+    test -n "${SERVICE}" || { echo "build arg SERVICE is required (fraud, cnn, sentiment)"; exit 1; } \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX}" -c constraints.txt -c constraints-gpu.txt \
+ && /opt/venv/bin/pip install ${PIP_OFFLINE:+--no-index} --extra-index-url "${TORCH_INDEX}" -c constraints.txt -c constraints-gpu.txt \
       ./protos "./libs[${VARIANT}]" "./services/${SERVICE}" \
  && if [ "${VARIANT}" = gpu ] && /opt/venv/bin/pip show -q onnxruntime 2>/dev/null; then \
       /opt/venv/bin/pip uninstall -y onnxruntime \
-      && /opt/venv/bin/pip install --force-reinstall --no-deps -c constraints-gpu.txt onnxruntime-gpu; fi \
- && /opt/venv/bin/pip check
+      && /opt/venv/bin/pip install ${PIP_OFFLINE:+--no-index} --force-reinstall --no-deps -c constraints-gpu.txt onnxruntime-gpu; fi \
+ && /opt/venv/bin/pip check \
+ && find /opt/venv/lib -depth -type d -path '*/site-packages/*/include' -exec rm -rf {} +  # C/C++ headers (torch: 62 MB)
 
 # --- runtime ------------------------------------------------------------------------------
 FROM python-${VARIANT} AS runtime

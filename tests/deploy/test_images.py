@@ -1,5 +1,6 @@
-"""The Dockerfiles and their build targets (no engine here: structure, plus the HEALTHCHECK commands
-run for real against a real service and a real Envoy)."""
+"""The Dockerfiles and their build targets: structure, the offline build recipe, hadolint, plus the HEALTHCHECK
+commands run for real against a real service and a real Envoy. The images built and run under podman:
+tests/deploy/test_containers.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from tests.deploy.conftest import run, tool
 from tests.support.procs import ROOT, GatewayProcess, free_port
 
 DOCKERFILES = {"service": ROOT / "docker" / "service.Dockerfile", "gateway": ROOT / "docker" / "gateway.Dockerfile"}
+# The compose stack's Redis where the official image cannot be pulled (make images).
+REDIS_DOCKERFILE = ROOT / "docker" / "redis.Dockerfile"
 PINNED = re.compile(r"^[a-z0-9./-]+:(\d+\.\d+\.\d+[\w.-]*)$|^[a-z0-9./-]+@sha256:[0-9a-f]{64}$")
 
 
@@ -24,17 +27,28 @@ def instructions(path) -> list[tuple[str, str]]:
     return [(m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^(\w+)\s+(.*)$", text, re.M)]
 
 
+def arg_defaults(ins: list[tuple[str, str]]) -> dict[str, str]:
+    """ARG NAME=default of a Dockerfile (the first default of each name)."""
+    found: dict[str, str] = {}
+    for op, args in ins:
+        if op == "ARG" and "=" in args:
+            name, _, value = args.partition("=")
+            found.setdefault(name.strip(), value.strip())
+    return found
+
+
 @pytest.mark.parametrize("kind", DOCKERFILES)
 def test_multi_stage_pinned_bases_non_root_with_healthcheck(kind):
     ins = instructions(DOCKERFILES[kind])
+    defaults = arg_defaults(ins)
     froms = [args.split() for op, args in ins if op == "FROM"]
     stages = {f[2] for f in froms if len(f) == 3 and f[1].upper() == "AS"}
     assert len(froms) >= 3, "multi-stage: a build stage and a runtime stage"
     for f in froms:
-        base = f[0]
-        # A base is an earlier stage (possibly chosen by a build arg) or an image pinned to an exact version.
-        stage = re.sub(r"\$\{\w+\}", "cpu", base)
-        assert stage in stages or PINNED.match(base), f"{kind}: base {base!r} is neither a stage nor pinned"
+        # A base is an earlier stage (possibly chosen by a build arg), an image pinned to an exact version (also as
+        # a build argument's default), or scratch (the empty wheelhouse stage).
+        base = re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), ""), f[0])
+        assert base in stages or base == "scratch" or PINNED.match(base), f"{kind}: base {f[0]!r} is not pinned"
     runtime = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
     after = ins[runtime:]
     users = [args for op, args in after if op == "USER"]
@@ -45,7 +59,7 @@ def test_multi_stage_pinned_bases_non_root_with_healthcheck(kind):
 
 def test_hadolint_passes_with_only_the_justified_ignores(tmp_path):
     config = ROOT / "docker" / "hadolint.yaml"
-    proc = run([tool("hadolint"), "--config", str(config), *map(str, DOCKERFILES.values())])
+    proc = run([tool("hadolint"), "--config", str(config), *map(str, DOCKERFILES.values()), str(REDIS_DOCKERFILE)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # ...and it does lint: a floating base and a root user are reported.
     bad = tmp_path / "Dockerfile"
@@ -62,6 +76,27 @@ def test_service_image_installs_runtime_dependencies_only():
     assert '"./services/${SERVICE}"' in install and '"./libs[${VARIANT}]"' in install
     assert "onnxruntime-gpu" in text and "download.pytorch.org/whl/cu" in text  # the GPU variant's runtimes
     assert "model_repository" not in text  # models come from a volume, never the image
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_builds_offline_from_a_wheelhouse_on_a_base_given_as_build_argument(kind):
+    """Default: the official slim image and PyPI. Air-gapped (make images): PYTHON_IMAGE names a local base,
+    `--build-context wheelhouse=<dir>` replaces the empty wheelhouse stage and PIP_OFFLINE=1 keeps pip off the
+    network: every pip install in the build mounts the wheelhouse and honours it."""
+    ins = instructions(DOCKERFILES[kind])
+    assert arg_defaults(ins)["PYTHON_IMAGE"] == "python:3.11.14-slim-bookworm"
+    froms = [args for op, args in ins if op == "FROM"]
+    assert "scratch AS wheelhouse" in froms
+    assert any(f.startswith("${PYTHON_IMAGE} AS ") for f in froms)
+    if kind == "service":  # the GPU variant keeps its CUDA base
+        assert "nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS python-gpu" in froms
+    installs = [args for op, args in ins if op == "RUN" and "pip install" in args]
+    assert installs
+    for install in installs:
+        assert install.startswith("--mount=type=bind,from=wheelhouse,target=/wheels "), install
+        for command in re.findall(r"/pip install [^&]*", install):
+            assert "${PIP_OFFLINE:+--no-index}" in command, command
+    assert any(op == "ENV" and "PIP_FIND_LINKS=/wheels" in args for op, args in ins)
 
 
 def test_build_context_leaves_models_and_local_state_out():
