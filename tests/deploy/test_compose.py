@@ -1,4 +1,5 @@
-"""docker-compose.yml (no engine runs here): its structure, and that it runs what `make run` runs."""
+"""docker-compose.yml: its structure, and that it runs what `make run` runs (the stack brought up for real under
+podman-compose: tests/deploy/test_containers.py)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,14 @@ def test_prometheus_loads_the_shared_rules_and_scrapes_every_service(compose, se
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == {f"{n}:{s['metrics_port']}" for n, s in services.items()} | {"gateway:9902"}
     assert compose["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+
+
+def test_redis_image_is_replaceable_and_reachable_from_the_other_containers(compose):
+    """REDIS_IMAGE swaps the image (make images builds a Debian one where no registry can be reached); the
+    command turns protected mode off itself, as the official image does, so any Redis build serves the stack."""
+    redis = compose["redis"]
+    assert redis["image"] == "${REDIS_IMAGE:-redis:7.4.2-alpine3.21}"
+    cmd = redis["command"]
+    assert cmd[0] == "redis-server"
+    assert cmd[cmd.index("--bind") + 1] == "0.0.0.0" and cmd[cmd.index("--protected-mode") + 1] == "no"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
