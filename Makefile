@@ -22,7 +22,7 @@ BENCH_CONSTRAINTS := bench/mlserver-constraints.txt
 
 .PHONY: help setup protos models run test lint system-deps bench bench-raw bench-curve bench-mix bench-spike \
         bench-cache bench-cost bench-overload bench-swaps bench-models bench-deps bench-peer constraints clean token gateway-config \
-        tools tools-constraints k8s-manifests k8s-check compose-config
+        tools tools-constraints k8s-manifests k8s-check compose-config base-image wheelhouse images test-images compose-test
 
 help:
 	@echo "make run     - set up, build models if missing, start Redis + every service + the gateway, restart what dies (Ctrl-C stops); REPLICAS=2 for two processes per service"
@@ -38,6 +38,8 @@ help:
 	@echo "make k8s-manifests - regenerate k8s/ files that follow deploy/services.yaml, the gateway template, alerts"
 	@echo "make k8s-check     - render every overlay and validate it (the tests in tests/deploy)"
 	@echo "make compose-config - gateway config + dev JWKS for docker-compose.yml"
+	@echo "make images  - build every CPU image (+ a Redis stand-in) with podman, offline: local Debian base, host wheelhouse"
+	@echo "make compose-test - make images, then each image run alone and the whole compose stack up under podman-compose"
 	@echo "make lint    - ruff"
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
@@ -61,9 +63,13 @@ protos: $(STAMP)
 models: $(STAMP)
 	$(BIN)/python -m deploy.catalog build --repository $(MODELS)
 
-# Debian packages the tests need: Redis, and promtool (package prometheus) for the alert rules.
-# Installs only what is missing.
-APT_NEEDED = $$(command -v redis-server >/dev/null || echo redis-server) $$(command -v promtool >/dev/null || echo prometheus)
+# Debian packages the tests need: Redis, and promtool (package prometheus) for the alert rules; podman (as root,
+# with Debian's runc, netavark + aardvark-dns for service names, catatonit for compose's `init: true`) and
+# debootstrap for the images and the compose stack (make images, make compose-test). Installs only what is missing.
+APT_NEEDED = $$(command -v redis-server >/dev/null || echo redis-server) $$(command -v promtool >/dev/null || echo prometheus) \
+  $$(command -v podman >/dev/null || echo podman) $$(command -v runc >/dev/null || echo runc) \
+  $$(command -v debootstrap >/dev/null || echo debootstrap) $$([ -x /usr/lib/podman/netavark ] || echo netavark) \
+  $$([ -x /usr/lib/podman/aardvark-dns ] || echo aardvark-dns) $$([ -x /usr/libexec/podman/catatonit ] || echo catatonit)
 system-deps:
 	@missing="$(APT_NEEDED)"; missing=$$(echo $$missing); [ -z "$$missing" ] || { \
 	  echo "installing $$missing (apt)"; \
@@ -86,7 +92,7 @@ k8s-manifests: setup
 	$(BIN)/python -m deploy.generate
 
 k8s-check: setup tools system-deps
-	$(BIN)/pytest tests/deploy
+	$(BIN)/pytest tests/deploy --ignore=tests/deploy/test_containers.py  # containers: make test, make compose-test
 
 # docker-compose.yml mounts the gateway's compose config and the dev JWKS.
 compose-config: setup
@@ -117,9 +123,46 @@ gateway-config: setup
 	$(BIN)/python -m mlplatform_gateway render --variant $(VARIANT) --validate --out build/gateway/envoy-$(VARIANT).yaml
 	@echo "wrote build/gateway/envoy-$(VARIANT).yaml"
 
-test: setup tools system-deps models
+test: setup tools system-deps models test-images
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/pytest
+
+# --- Images and the compose stack, with podman, offline (docs/runbooks/deploy.md, "Images and the compose stack") ---------------------
+# The project's podman settings (runc, lowered ulimits, netavark): every podman call of make and the tests.
+export CONTAINERS_CONF ?= $(CURDIR)/docker/podman/containers.conf
+# Local base image: Debian bookworm's Python 3.11 from debootstrap (no registry needed).
+BASE_IMAGE := localhost/mlplatform/python:3.11-bookworm
+BASE_PACKAGES := python3 python3-venv python-is-python3 ca-certificates
+WHEELHOUSE := build/wheelhouse
+# Every package the images install, as wheels built here (the images' pip runs with --no-index). async-timeout:
+# redis' dependency on Python < 3.11.3 (Debian's 3.11.2), which the host's newer Python does not resolve.
+WHEELHOUSE_REQS := setuptools async-timeout grpcio-tools googleapis-common-protos ./protos './libs[cpu,torch]' \
+  $(foreach p,$(sort $(wildcard services/*/pyproject.toml)),./$(patsubst %/,%,$(dir $(p)))) ./gateway-envoy
+# Images that `make test` builds and runs (the fraud + gateway stack); `make images` / `make compose-test`: all.
+TEST_IMAGES := fraud gateway redis
+IMAGES ?=
+
+base-image: system-deps
+	docker/base-image.sh $(BASE_IMAGE) $(BASE_PACKAGES)
+
+$(WHEELHOUSE)/.complete: $(STAMP) constraints.txt
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/pip wheel -q -c constraints.txt -w $(WHEELHOUSE) $(WHEELHOUSE_REQS)
+	rm -f $(WHEELHOUSE)/mlplatform_* $(WHEELHOUSE)/*_service-*  # the project's own packages build from source
+	rm -rf protos/build libs/build services/*/build gateway-envoy/build  # setuptools' in-tree leftovers
+	@touch $@
+
+wheelhouse: $(WHEELHOUSE)/.complete
+
+images: base-image wheelhouse
+	$(BIN)/python docker/images.py build $(IMAGES)
+
+test-images: base-image wheelhouse
+	$(BIN)/python docker/images.py build $(TEST_IMAGES)
+
+# Every image, then each one run alone and the whole compose stack up (tests/deploy/test_containers.py).
+compose-test: setup tools system-deps models images
+	MLPLATFORM_STACK=all $(BIN)/pytest tests/deploy/test_containers.py
 
 lint: setup
 	$(BIN)/ruff check $(PY_SOURCES)
