@@ -101,7 +101,7 @@ def test_builds_offline_from_a_wheelhouse_on_a_base_given_as_build_argument(kind
 
 def test_build_context_leaves_models_and_local_state_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for entry in ("model_repository", ".git", "protos/gen", ".dev", "**/.venv*"):
+    for entry in ("model_repository", ".git", "protos/gen", ".dev", "**/.venv*", "*/build", "*/*/build"):
         assert entry in ignored
 
 
