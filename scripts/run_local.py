@@ -37,11 +37,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlplatform_gateway import auth
 from mlplatform_gateway import local as gateway
 
+from mlplatform.launch import grpc_serving
 from mlplatform.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,16 +70,6 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
-
-
-def grpc_serving(port: int) -> bool:
-    """The process on `port` answers grpc.health.v1 (overall health) with SERVING."""
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-    except grpc.RpcError:
-        return False
-    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 def configured(svc: Service) -> Service:

@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 from fraud.v1 import fraud_pb2 as pb
 from fraud.v1 import fraud_pb2_grpc as rpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlplatform_gateway import auth
 from mlplatform_gateway import local as gateway
 
@@ -34,16 +33,6 @@ import supervise  # scripts/supervise.py: the control socket's client
 
 RUN_LOCAL = ROOT / "scripts" / "run_local.py"
 ROLLOUT = ROOT / "scripts" / "rollout.py"
-
-
-def serving(port: int) -> bool:
-    """grpc.health.v1 SERVING on 127.0.0.1:`port`."""
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-    except grpc.RpcError:
-        return False
-    return status == health_pb2.HealthCheckResponse.SERVING
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -14,7 +14,8 @@ import pytest
 from fraud.v1 import fraud_pb2 as pb
 from fraud.v1 import fraud_pb2_grpc as rpc
 
-from tests.scripts.stack import ROLLOUT, RunLocal, Traffic, serving
+from mlplatform.launch import grpc_serving as serving
+from tests.scripts.stack import ROLLOUT, RunLocal, Traffic
 
 pytestmark = pytest.mark.integration
 

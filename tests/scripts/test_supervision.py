@@ -10,7 +10,8 @@ import socket
 
 import pytest
 
-from tests.scripts.stack import RunLocal, Traffic, serving, wait_until
+from mlplatform.launch import grpc_serving as serving
+from tests.scripts.stack import RunLocal, Traffic, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -36,6 +36,16 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def grpc_serving(port: int, host: str = "127.0.0.1") -> bool:
+    """The process on `host:port` answers grpc.health.v1 (overall health) with SERVING."""
+    try:
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+    except grpc.RpcError:
+        return False
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
 @dataclass
 class RedisServer:
     """A real redis-server on a free loopback port, no persistence."""
