@@ -142,7 +142,8 @@ async def test_policy_all_serves_versions_side_by_side_and_a_request_pins_one(ma
     assert await answer(m.dataplane) == ("2", 200.0)
     assert await answer(m.dataplane, "1") == ("1", 100.0)
     assert await answer(m.dataplane, "2") == ("2", 200.0)
-    assert m.version_ready("scale", "1") and not m.version_ready("scale", "3")
+    assert m.dataplane.version_ready("scale", "1") and m.dataplane.version_ready("scale")
+    assert not m.dataplane.version_ready("scale", "3") and not m.dataplane.version_ready("scale", "x")
 
 
 async def test_newest_config_decides_the_policy(repo, manager):

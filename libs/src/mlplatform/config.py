@@ -124,7 +124,8 @@ class VersionPolicy(BaseModel):
         if self.all is not None:
             return ordered
         if self.specific is not None:
-            return [v for v in ordered if v in set(self.specific.versions)]
+            wanted = set(self.specific.versions)
+            return [v for v in ordered if v in wanted]
         assert self.latest is not None
         return ordered[-self.latest.num_versions:]
 

@@ -88,10 +88,7 @@ class ServedVersions:
     Replaced as a whole on every change, so a request sees one consistent set."""
 
     predictors: Mapping[str, Predictor]
-
-    @property
-    def versions(self) -> list[str]:
-        return list(self.predictors)
+    versions: tuple[str, ...]
 
 
 class DataPlane:
@@ -127,7 +124,8 @@ class DataPlane:
     def set_versions(self, name: str, predictors: Mapping[int, Predictor]) -> None:
         """Make exactly `predictors` the versions of `name` that take traffic (none: the model is unloaded)."""
         if predictors:
-            self._models[name] = ServedVersions({str(v): predictors[v] for v in sorted(predictors)})
+            ordered = {str(v): predictors[v] for v in sorted(predictors)}
+            self._models[name] = ServedVersions(ordered, tuple(ordered))
             self.unavailable.pop(name, None)
         elif self._models.pop(name, None) is not None:
             self.unavailable[name] = f"model {name!r} is not loaded (unloaded through the model repository API)"
@@ -148,6 +146,16 @@ class DataPlane:
         predictor = served.predictors[check_version(name, served.versions, version, field)]
         set_request_model(predictor.model.name, predictor.model.version)
         return predictor
+
+    def version_ready(self, name: str, version: str = "") -> bool:
+        """ModelReady: the default version ("" or "0") or `version` is served and warmed up; False for a version
+        not served (yet, or any more)."""
+        served = self._models.get(name)
+        if served is None:
+            return False
+        chosen = served.versions[-1] if version in SERVED_ALIASES else version
+        predictor = served.predictors.get(chosen)
+        return predictor is not None and predictor.model.ready
 
     @contextmanager
     def serving(self, name: str, version: str = "", field: str | None = None) -> Iterator[Predictor]:

@@ -25,10 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import gc
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -185,11 +184,6 @@ class ModelManager:
                 rows = [IndexEntry(name, "", State.UNAVAILABLE, "not loaded")]
             out.extend(rows)
         return out
-
-    def version_ready(self, name: str, version: str) -> bool:
-        """ModelReady of one version: served and warmed up (False for a version not served)."""
-        predictor = self.dataplane.versions(name).get(int(version)) if version.isdigit() else None
-        return predictor is not None and predictor.model.ready
 
     # -- syncing served versions with the repository --------------------------------------
 
@@ -369,15 +363,3 @@ def parse_config_override(text: str) -> VersionPolicy:
 def repository_matches(root: Path, requested: str) -> bool:
     """A request's `repository_name` names this repository (empty: the only one)."""
     return requested in ("", root.name, str(root))
-
-
-def served_summary(dataplane: DataPlane) -> Mapping[str, list[int]]:
-    """Served versions per model, for logs."""
-    return {name: sorted(dataplane.versions(name)) for name in dataplane.names}
-
-
-def full_collection() -> None:
-    """Collect objects kept alive only by reference cycles, including those frozen at start-up."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()

@@ -20,7 +20,7 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from inference import model_config_pb2 as mc
 
 from mlplatform import __version__, variants
-from mlplatform.dataplane import SERVED_ALIASES, DataPlane
+from mlplatform.dataplane import DataPlane
 from mlplatform.errors import InvalidInputError, NotFoundError, ServingError, abort_on_serving_error
 from mlplatform.lifecycle import ModelManager, repository_matches
 from mlplatform.streaming import ordered_concurrent
@@ -124,11 +124,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         a version not served (yet, or any more), NOT_FOUND for a model this process never served."""
         if request.name not in self.dataplane.known:
             raise NotFoundError(f"unknown model {request.name!r}; served: {self.dataplane.names}")
-        versions = self.dataplane.versions(request.name)
-        if request.version in SERVED_ALIASES:
-            return pb.ModelReadyResponse(ready=bool(versions) and versions[max(versions)].model.ready)
-        predictor = versions.get(int(request.version)) if request.version.isdigit() else None
-        return pb.ModelReadyResponse(ready=predictor is not None and predictor.model.ready)
+        return pb.ModelReadyResponse(ready=self.dataplane.version_ready(request.name, request.version))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
