@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlplatform import admission, metrics, runtime_threads
+from mlplatform import admission, faults, metrics, runtime_threads
 from mlplatform.batch_shapes import concat_inputs, group_by_length, pad_rows
 from mlplatform.errors import (
     DeadlineExpiredError,
@@ -457,7 +457,7 @@ class DynamicBatcher:
         if run_rows > rows:
             self.stats.padding_rows += run_rows - rows
             self._m_padding.inc(run_rows - rows)
-        outputs = dict(self._infer(padded))
+        outputs = dict(faults.run(self._labels["model"], self._infer, padded))  # MLPLATFORM_FAULTS: off by default
         for name, value in outputs.items():
             if value.shape[:1] != (run_rows,):
                 raise InferenceError(f"runtime returned output {name!r} with shape {value.shape} for {run_rows} rows")
