@@ -22,8 +22,9 @@ def compose() -> dict:
 
 
 def test_the_stack_and_the_observability_profile(compose, services):
-    assert set(compose) == {"redis", "gateway", "prometheus", "jaeger", *services}
-    assert {n for n, s in compose.items() if "observability" in s.get("profiles", [])} == {"prometheus", "jaeger"}
+    assert set(compose) == {"redis", "gateway", "prometheus", "jaeger", "grafana", *services}
+    assert {n for n, s in compose.items() if "observability" in s.get("profiles", [])} == {"prometheus", "jaeger",
+                                                                                          "grafana"}
     for name, svc in compose.items():
         image = svc["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: {image}"
