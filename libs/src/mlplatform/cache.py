@@ -52,6 +52,12 @@ def row_key(model: str, version: str | int, row: Mapping[str, np.ndarray]) -> st
     return f"{KEY_PREFIX}:{model}:{version}:{h.hexdigest()}"
 
 
+def identity_key(model: str, version: str | int, identity: str) -> str:
+    """Cache key of a row known by a caller-defined identity (e.g. `card:<id>:<transaction hash>`):
+    `pred:<model>:<version>:id:<identity>`, so it never collides with a tensor hash."""
+    return f"{KEY_PREFIX}:{model}:{version}:id:{identity}"
+
+
 def encode_outputs(outputs: Mapping[str, np.ndarray]) -> bytes:
     """Serialise named arrays: a JSON header (names, dtypes, shapes) then the raw bytes."""
     header = [(name, arr.dtype.str, list(arr.shape)) for name, arr in outputs.items()]

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mlplatform import tracing
 from mlplatform.errors import InvalidInputError, ModelNotReadyError, NotFoundError, ServingError
 from mlplatform.interceptors import set_request_model
 from mlplatform.model import Model, Tensors
@@ -145,6 +146,7 @@ class DataPlane:
             raise NotFoundError(f"unknown model {name!r}; served: {self.names}")
         predictor = served.predictors[check_version(name, served.versions, version, field)]
         set_request_model(predictor.model.name, predictor.model.version)
+        tracing.annotate(**{"model.name": predictor.model.name, "model.version": predictor.model.version})
         return predictor
 
     def version_ready(self, name: str, version: str = "") -> bool:
@@ -196,20 +198,24 @@ class DataPlane:
         *,
         problem_format: str = "{field}.{problem}",
         timeout_s: float | None = None,
+        cache_key: str | None = None,
     ) -> RowAnswer:
         """`infer_rows` for one item, without its per-list bookkeeping (the typed `Predict` and stream
-        messages): the same checks in the same order; a bad item raises its ServingError."""
+        messages): the same checks in the same order; a bad item raises its ServingError. `cache_key`: the
+        item's identity for the prediction cache (None: its input tensors)."""
         model = predictor.model
         predictor.admit(1, timeout_s)
-        row = await parse(model, item, field)
-        problem = _row_problem(model.inputs, row)
-        if problem:
-            raise InvalidInputError(_located(problem_format, field, problem))
-        inputs: Tensors = {s.name: row[s.name][np.newaxis] for s in model.inputs}
-        [problem] = model.validate_rows(inputs)
-        if problem:
-            raise InvalidInputError(_located(problem_format, field, problem))
-        prediction = await predictor.predict(inputs, timeout_s=timeout_s)
+        with tracing.span("validate", **{"model.name": model.name, "model.version": model.version, "rows": 1}):
+            row = await parse(model, item, field)
+            problem = _row_problem(model.inputs, row)
+            if problem:
+                raise InvalidInputError(_located(problem_format, field, problem))
+            inputs: Tensors = {s.name: row[s.name][np.newaxis] for s in model.inputs}
+            [problem] = model.validate_rows(inputs)
+            if problem:
+                raise InvalidInputError(_located(problem_format, field, problem))
+        prediction = await predictor.predict(inputs, timeout_s=timeout_s,
+                                             keys=[cache_key] if cache_key is not None else None)
         return RowAnswer({k: v[0] for k, v in prediction.outputs.items()},
                          bool(prediction.cached[0]), bool(prediction.fallback[0]))
 
@@ -223,6 +229,7 @@ class DataPlane:
         batch_field: str | None = None,
         problem_format: str = "{field}.{problem}",
         timeout_s: float | None = None,
+        cache_keys: Sequence[str | None] | None = None,
     ) -> list[RowAnswer | ServingError]:
         """Predict independently parsed items together; one answer or error per item, in order.
 
@@ -233,13 +240,16 @@ class DataPlane:
         and the model's row checks.
         `fields[i]` says where item i lives in the request (e.g. `transactions[3]`); a shape or
         row problem reads `problem_format.format(field=..., problem=...)` (the bare problem
-        when the field is empty).
+        when the field is empty). `cache_keys[i]`: item i's identity for the prediction cache (None: its
+        input tensors).
         """
         model = predictor.model
         if batch_field is not None:
             check_rows(len(items), model.max_batch_size, batch_field)
         predictor.admit(len(items), timeout_s)
-        rows = await parse(model, items, fields)
+        with tracing.span("validate", **{"model.name": model.name, "model.version": model.version,
+                                         "rows": len(items)}):
+            rows = await parse(model, items, fields)
         answers: list[RowAnswer | ServingError | None] = [None] * len(rows)
         good: list[int] = []
         for i, row in enumerate(rows):
@@ -263,7 +273,8 @@ class DataPlane:
                 good = [good[j] for j in keep]
                 inputs = {k: v[keep] for k, v in inputs.items()} if keep else {}
             if good:
-                prediction = await predictor.predict(inputs, timeout_s=timeout_s)
+                keys = [cache_keys[i] for i in good] if cache_keys is not None else None
+                prediction = await predictor.predict(inputs, timeout_s=timeout_s, keys=keys)
                 for j, i in enumerate(good):
                     answers[i] = RowAnswer({k: v[j] for k, v in prediction.outputs.items()},
                                            bool(prediction.cached[j]), bool(prediction.fallback[j]))

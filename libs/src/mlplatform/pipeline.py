@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -93,8 +93,12 @@ class Predictor:
             raise ModelNotReadyError(f"model {self.model.name} v{self.model.version} is not ready")
         self.batcher.admit(rows, timeout_s)
 
-    async def predict(self, inputs: Tensors, *, timeout_s: float | None = None) -> Prediction:
-        """Predict N rows. Raises ServingError subclasses (queue full, deadline, model unavailable)."""
+    async def predict(self, inputs: Tensors, *, timeout_s: float | None = None,
+                      keys: Sequence[str | None] | None = None) -> Prediction:
+        """Predict N rows. Raises ServingError subclasses (queue full, deadline, model unavailable).
+
+        `keys[i]`: row i's identity for the cache (e.g. a customer and its transaction's fields), scoped to
+        this model version; None (or no `keys`): the row's input tensors (`cache.row_key`)."""
         if not self.model.ready:
             raise ModelNotReadyError(f"model {self.model.name} v{self.model.version} is not ready")
         rows = next(iter(inputs.values())).shape[0]
@@ -102,10 +106,13 @@ class Predictor:
             computed, used_fallback = await self._infer(inputs, timeout_s)
             return Prediction(computed, np.zeros(rows, dtype=bool), np.full(rows, used_fallback))
         cached_rows: dict[int, Tensors] = {}
-        keys = [cache_mod.row_key(self.model.name, self.model.version, {k: v[i] for k, v in inputs.items()})
+        given = keys
+        keys = [cache_mod.identity_key(self.model.name, self.model.version, given[i]) if given and given[i]
+                else cache_mod.row_key(self.model.name, self.model.version, {k: v[i] for k, v in inputs.items()})
                 for i in range(rows)]
-        with tracing.span("cache.get", **{"cache.keys": rows}):
+        with tracing.span("cache.get", **{"cache.keys": rows, "model.name": self.model.name}):
             found = await self.cache.get_many(keys)
+            tracing.annotate(**{"cache.hits": sum(b is not None for b in found)})
         for i, blob in enumerate(found):
             if blob is not None:
                 try:
@@ -153,8 +160,10 @@ class Predictor:
                 next(iter(inputs.values())).shape[0])
             return outputs, True
         t = result.timing
-        tracing.record_span("batch.queue_wait", t.enqueued_ns, t.started_ns)
-        tracing.record_span("model.inference", t.started_ns, t.finished_ns, **{"batch.rows": t.batch_rows})
+        tracing.record_span("batch.queue_wait", t.enqueued_ns, t.started_ns, **{"model.name": self.model.name})
+        tracing.record_span("model.inference", t.started_ns, t.finished_ns, **{
+            "model.name": self.model.name, "model.version": self.model.version, "batch.size": t.batch_rows,
+            "batch.rows": t.batch_rows})
         return result.outputs, False
 
 

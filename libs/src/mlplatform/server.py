@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,9 @@ class ServiceSpec:
     """The service's settings (its env prefix and default ports)."""
     typed_api: TypedApi | None = None
     """The typed API served beside the Open Inference Protocol (None: OIP only)."""
+    lifespan: Callable[[ServiceSettings], AbstractAsyncContextManager[None]] | None = None
+    """Service resources held while serving (e.g. fraud's feature store and audit log): entered at start
+    before the first request, exited at stop after the last one."""
 
     def main(self) -> int:
         """Entry point of `python -m <service>`: settings, logging, serve until SIGTERM/SIGINT."""
@@ -137,6 +141,7 @@ class ModelServer:
         self.draining = False
         self._started = False
         self._background: set[asyncio.Task[None]] = set()
+        self._resources = AsyncExitStack()
 
     @property
     def models(self) -> list[Model]:
@@ -168,6 +173,8 @@ class ModelServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.names[0], "")]
         if tracing.setup_tracing(self.spec.name, s.otel_exporter_otlp_endpoint):
             interceptors.insert(0, tracing.server_interceptor())
+        if self.spec.lifespan is not None:
+            await self._resources.enter_async_context(self.spec.lifespan(s))
         self.server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -248,6 +255,7 @@ class ModelServer:
         for task in list(self._background):
             task.cancel()
         await self.manager.close()
+        await self._resources.aclose()
         if self.cache is not None:
             await self.cache.close()
         tracing.shutdown_tracing()

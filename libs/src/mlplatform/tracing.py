@@ -1,4 +1,8 @@
-"""OpenTelemetry tracing: gRPC server spans, and spans for queue wait, inference and cache calls.
+"""OpenTelemetry tracing: gRPC server spans, and child spans for each step of a request.
+
+Span names under a service's server span: `features.read` (online feature store), `validate` (parse and
+checks), `cache.get` / `cache.set`, `batch.queue_wait`, `model.inference` (with `model.name`,
+`model.version`, `batch.size`) and `audit.write` (the write-behind flush, which may end after the response).
 
 Spans are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; otherwise
 the API stays a no-op. The server interceptor continues an incoming `traceparent`
@@ -75,6 +79,12 @@ def span(name: str, **attributes: object) -> Iterator[None]:
         return
     with tracer().start_as_current_span(name, attributes=attributes):  # type: ignore[arg-type]
         yield
+
+
+def annotate(**attributes: object) -> None:
+    """Set attributes on the current span (e.g. the model and version a request resolved to)."""
+    if _enabled:
+        trace.get_current_span().set_attributes(attributes)  # type: ignore[arg-type]
 
 
 def record_span(name: str, start_ns: int, end_ns: int, **attributes: object) -> None:

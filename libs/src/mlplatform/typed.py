@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from mlplatform.dataplane import DataPlane, RowAnswer
+from mlplatform.dataplane import DataPlane, RowAnswer, check_rows
 from mlplatform.errors import ServingError, abort_on_serving_error
 from mlplatform.model import Model, Tensors
 from mlplatform.streaming import ordered_concurrent
@@ -67,6 +67,12 @@ class TypedApi:
     """How a shape or row problem of an item reads, given the item's field (`transactions[3]`)."""
     parse_off_loop: Callable[[Sequence[Message]], bool] | None = None
     """Parse these items on a worker thread (e.g. large images to decode); None: always inline."""
+    prepare: Callable[[Model, Sequence[Message], Sequence[str]], Awaitable[list[Any]]] | None = None
+    """Async step before `parse` (e.g. read online features): items -> what `parse`, `cache_key` and `wrap`
+    receive instead, or the ServingError of each bad item. None: items go to `parse` as they are."""
+    cache_key: Callable[[Model, Any], str | None] | None = None
+    """An item's identity for the prediction cache (e.g. customer + transaction fields), or None to key on its
+    input tensors."""
 
     @property
     def full_name(self) -> str:
@@ -99,6 +105,9 @@ class TypedServicer:
         def parse_all() -> list[Tensors | ServingError]:
             out: list[Tensors | ServingError] = []
             for item, field in zip(items, fields, strict=True):
+                if isinstance(item, ServingError):  # `prepare` refused it
+                    out.append(item)
+                    continue
                 try:
                     out.append(self.api.parse(model, item, field))
                 except ServingError as err:
@@ -114,9 +123,15 @@ class TypedServicer:
         with self.dataplane.serving(self.model_name, request.model_version, "model_version") as predictor:
             model = predictor.model
             options = api.options(model, request)
+            if api.prepare is not None:
+                if batch:
+                    check_rows(len(items), model.max_batch_size, api.batch_field)
+                items = await api.prepare(model, items, fields)
+            keys = [api.cache_key(model, i) if not isinstance(i, ServingError) else None for i in items] \
+                if api.cache_key is not None else None
             answers = await self.dataplane.infer_rows(
                 predictor, items, fields, self._parse, batch_field=api.batch_field if batch else None,
-                problem_format=api.problem_format, timeout_s=context.time_remaining())
+                problem_format=api.problem_format, timeout_s=context.time_remaining(), cache_keys=keys)
         return model, [a if isinstance(a, ServingError) else api.wrap(model, item, a, options)
                        for item, a in zip(items, answers, strict=True)]
 
@@ -133,9 +148,14 @@ class TypedServicer:
         with self.dataplane.serving(self.model_name, request.model_version, "model_version") as predictor:
             model = predictor.model
             options = api.options(model, request)
+            if api.prepare is not None:
+                [item] = await api.prepare(model, [item], [field or ""])
+                if isinstance(item, ServingError):
+                    raise item
             answer = await self.dataplane.infer_item(
                 predictor, item, field or "", self._parse_one, problem_format=api.problem_format,
-                timeout_s=context.time_remaining())
+                timeout_s=context.time_remaining(),
+                cache_key=api.cache_key(model, item) if api.cache_key is not None else None)
         return api.wrap(model, item, answer, options)
 
     def _error(self, index: int, err: ServingError) -> Message:
