@@ -12,6 +12,8 @@ there is no config field for it), so every call is made first and the collector 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,10 @@ from fraud.v1 import fraud_pb2_grpc as pb_grpc
 from mlplatform_gateway import auth
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from fraud_service.materialize import materialize
 from tests.gateway.helpers import bearer, post
 from tests.support.otlp import OtlpCollector, Received
-from tests.support.procs import GatewayProcess, ServiceProcess
+from tests.support.procs import GatewayProcess, RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +46,7 @@ class Call:
     transport: str  # "rest" or "grpc"
     trace_id: str | None = None  # the client's traceparent, when it sends one
     span_id: str | None = None
+    card: str | None = None  # score by card_id (online features) instead of the 30 features
 
     @property
     def traceparent(self) -> str | None:
@@ -58,7 +62,11 @@ CALLS = {
     "grpc": Call("grpc", "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"),
     "rest-untraced": Call("rest"),
     "grpc-untraced": Call("grpc"),
+    "rest-card": Call("rest", "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", card="card-000003"),
 }
+# The child spans of the service's server span for a call by card (first sight of the transaction: a cache miss).
+CARD_CHILDREN = {"features.read", "validate", "cache.get", "batch.queue_wait", "model.inference", "cache.set",
+                 "audit.write"}
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +77,13 @@ def collector() -> Iterator[OtlpCollector]:
 
 
 @pytest.fixture(scope="module")
-def traced_service(model_repository: Path, collector: OtlpCollector) -> Iterator[ServiceProcess]:
+def traced_service(model_repository: Path, collector: OtlpCollector, redis_server: RedisServer
+                   ) -> Iterator[ServiceProcess]:
+    asyncio.run(materialize(redis_server.url, 10, 42))  # card-000000 .. card-000009 in the feature store
     svc = ServiceProcess("fraud_service", "FRAUD_", env={
         "FRAUD_MODEL_REPOSITORY": str(model_repository),
+        "REDIS_URL": redis_server.url,
+        "FRAUD_AUDIT_STREAM": "fraud:audit:tracing-test",
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     })
@@ -98,6 +110,10 @@ def _attrs(span: Span) -> dict[str, str]:
     return {a.key: a.value.string_value for a in span.attributes}
 
 
+def _ints(span: Span) -> dict[str, int]:
+    return {a.key: a.value.int_value for a in span.attributes if a.value.HasField("int_value")}
+
+
 def _trace(received: Received, trace_id: str) -> Received:
     return [(svc, s) for svc, s in received if s.trace_id.hex() == trace_id]
 
@@ -118,6 +134,8 @@ def _complete(received: Received) -> bool:
         spans = _trace(received, trace_id) if trace_id else []
         if not {(GATEWAY, "ingress"), (SERVICE, RPC)} <= {(svc, s.name) for svc, s in spans}:
             return False
+        if call.card and not {s.name for svc, s in spans if svc == SERVICE} >= CARD_CHILDREN:
+            return False  # the audit write is flushed after the answer
     return True
 
 
@@ -130,11 +148,17 @@ def received(collector: OtlpCollector, traced_gateway: GatewayProcess, signing_k
         client = pb_grpc.FraudServiceStub(channel)
         for i, (name, call) in enumerate(CALLS.items()):
             tx = {"transaction_id": f"tx-{name}", "features": fraud_features[i % len(fraud_features)]}
+            if call.card:  # the transaction's own fields; the rest comes from the feature store
+                tx = {"transaction_id": f"tx-{name}", "card_id": call.card, "amount": 61.25,
+                      "merchant_category": "5812", "merchant_country": "FR", "channel": "CARD_PRESENT"}
             extra = [("traceparent", call.traceparent)] if call.traceparent else []
             if call.transport == "rest":
                 resp = post(traced_gateway, REST_PATH, {"transaction": tx}, token=token, headers=dict(extra))
                 assert resp.status == 200, (name, resp.status, resp.body)
                 assert resp.json()["prediction"]["model_name"] == "fraud"
+                if call.card:
+                    assert resp.json()["prediction"]["feature_source"] == "store"
+                    assert resp.json()["prediction"]["card_id"] == call.card
             else:
                 reply = client.Predict(pb.PredictRequest(transaction=pb.Transaction(**tx)), timeout=10,
                                        metadata=bearer(token) + extra)
@@ -180,7 +204,7 @@ def _assert_tree(spans: Received, root: Span, root_parent: bytes) -> None:
             assert s.parent_span_id in ids, s.name
 
 
-@pytest.mark.parametrize("name", ["rest", "grpc"])
+@pytest.mark.parametrize("name", ["rest", "grpc", "rest-card"])
 def test_client_traceparent_is_continued_by_gateway_and_service(received, name):
     call = CALLS[name]
     trace_id, gateway, server, spans = _spans_of(received, call)
@@ -215,3 +239,31 @@ def test_gateway_starts_a_trace_the_service_continues(received, name):
 def test_each_call_is_its_own_trace(received):
     trace_ids = [_spans_of(received, call)[0] for call in CALLS.values()]
     assert len(set(trace_ids)) == len(CALLS)
+
+
+def test_a_call_by_card_is_one_tree_from_envoy_to_the_audit_write(received):
+    """REST through Envoy, scored by card: Envoy's span -> the service's server span -> one child span per step,
+    each carrying what it worked on (model, version, batch size, the card)."""
+    call = CALLS["rest-card"]
+    _, gateway, server, spans = _spans_of(received, call)
+    assert server.parent_span_id == gateway.span_id
+    children = {s.name: s for svc, s in spans if svc == SERVICE and s.parent_span_id == server.span_id}
+    assert set(children) == CARD_CHILDREN, sorted(children)
+    assert {s.name for svc, s in spans} == {"ingress", RPC} | CARD_CHILDREN  # nothing else, nothing deeper
+    assert _attrs(server)["model.name"] == "fraud" and _attrs(server)["model.version"] == "1"
+    assert _attrs(children["features.read"]).items() >= {"features.view": "fraud:card",
+                                                          "features.entity": call.card}.items()
+    assert _attrs(children["validate"])["model.name"] == "fraud"
+    inference = children["model.inference"]
+    assert _attrs(inference)["model.name"] == "fraud" and _attrs(inference)["model.version"] == "1"
+    assert _ints(inference)["batch.size"] >= 1
+    assert _ints(children["cache.get"])["cache.hits"] == 0
+    assert _attrs(children["audit.write"])["write_behind.buffer"] == "fraud"
+    # the steps run in order; the audit write is flushed after the inference, possibly after the answer
+    order = ["features.read", "validate", "cache.get", "batch.queue_wait", "model.inference", "cache.set"]
+    for earlier, later in itertools.pairwise(order):
+        assert children[earlier].end_time_unix_nano <= children[later].start_time_unix_nano + 1000, (earlier, later)
+    assert children["audit.write"].start_time_unix_nano >= inference.end_time_unix_nano
+    for name in order:
+        assert server.start_time_unix_nano <= children[name].start_time_unix_nano
+        assert children[name].end_time_unix_nano <= server.end_time_unix_nano
