@@ -7,6 +7,10 @@ starts N processes per service behind the gateway's health-checked cluster; `--s
 those. Gateway: `GATEWAY_PORT` (8080) and `GATEWAY_ADMIN_PORT` (9901, loopback); its JSON access log goes to
 .run/gateway/access.log.
 
+`OBSERVABILITY=1` (--observability) also starts Debian's Prometheus (`prometheus`, from `make system-deps`) on
+PROMETHEUS_PORT (9090, loopback): monitoring/prometheus.yml's jobs scraping every service slot's metrics port and
+Envoy's /stats/prometheus on the admin port, with monitoring/alerts.yaml's rules loaded (scripts/observability.py).
+
 Supervision (scripts/supervise.py): a replica, Redis (when started here) or Envoy that dies is restarted on its
 own port with backoff (0.5 s doubling to 10 s, reset after 30 s of health) and the rest keep serving; only
 Ctrl-C or SIGTERM stops everything: the gateway (drained first: no call in flight is cut), then the services,
@@ -46,6 +50,7 @@ from mlplatform.repository import ModelRepository
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
+from observability import PrometheusServer, local_config  # noqa: E402
 from supervise import ControlError, ControlServer, StartError, Supervised, exit_reason  # noqa: E402
 
 from deploy import catalog  # noqa: E402  (the repository root holds the service list)
@@ -125,6 +130,7 @@ class Stack:
         self.redis_url: str | None = None
         self.redis_dir: str | None = None
         self.gateway: Supervised | None = None
+        self.prometheus: PrometheusServer | None = None
         self._slots_lock = threading.Lock()
         self._rolling = threading.Lock()
 
@@ -154,6 +160,14 @@ class Stack:
             raise StartError(f"{exc} (within 10 s)") from exc
         print(f"redis: started on 127.0.0.1:{port}")
         self.redis_url = url
+
+    def materialize_features(self) -> None:
+        """Fill the fraud feature store (Redis) with the synthetic cards, so fraud scores by `card_id`."""
+        if self.redis_url is None or "fraud" not in self.groups:
+            return
+        done = subprocess.run([PY, "-m", "fraud_service.materialize", "--redis-url", self.redis_url], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        print((done.stdout or done.stderr).strip() or f"materialize: exit {done.returncode}", flush=True)
 
     def replica(self, group: ServiceSlots, slot: int) -> Supervised:
         """A replica of the service on `slot`'s ports (not started)."""
@@ -217,6 +231,22 @@ class Stack:
         if self.stopping.is_set():
             raise StartError("gateway: start-up interrupted")
         raise StartError(f"gateway: not ready with all {hosts} upstream hosts healthy after {timeout:.0f} s")
+
+    def start_prometheus(self, port: int) -> None:
+        """Debian's Prometheus on `port` scraping every slot of every service (an empty slot shows as down) and
+        Envoy's admin /stats/prometheus, with the platform's rules; skipped with a note when not installed."""
+        if shutil.which("prometheus") is None:
+            print("prometheus: not installed (make system-deps, or apt-get install prometheus); not started")
+            return
+        targets = {"model-services": [f"127.0.0.1:{group.metrics_port(slot)}" for group in self.groups.values()
+                                      for slot in range(len(group.slots))],
+                   "gateway": [f"127.0.0.1:{self.admin_port}"]}
+        try:
+            self.prometheus = PrometheusServer(local_config(targets), port=port).start()
+        except RuntimeError as exc:
+            raise StartError(f"prometheus: {exc}") from exc
+        print(f"prometheus: {self.prometheus.url} (alerts: {self.prometheus.url}/alerts), scraping "
+              f"{sum(map(len, targets.values()))} targets, rules monitoring/alerts.yaml", flush=True)
 
     def _envoy_live(self) -> bool:
         try:
@@ -332,6 +362,8 @@ class Stack:
         """Orderly: the gateway, then every replica (in parallel, each drains), then Redis."""
         self.stopping.set()
         print("stopping...", flush=True)
+        if self.prometheus is not None:
+            self.prometheus.stop()
         if self.gateway is not None:
             self.stop_gateway()
         with self._slots_lock:
@@ -365,8 +397,16 @@ def fraud_usage(repo: Path, fraud: Service, gateway_port: int, admin_port: int) 
     sample = json.loads((repo / "fraud" / "1" / "sample.json").read_text())
     features = sample["rows"][0]["features"]
     payload = json.dumps({"transaction": {"transaction_id": "tx-1", "features": features}})
+    by_card = json.dumps({"transaction": {"transaction_id": "tx-2", "card_id": "card-000042", "amount": 84.5,
+                                          "merchant_category": "5732", "merchant_country": "FR",
+                                          "latitude": 48.85, "longitude": 2.35, "channel": "ONLINE"}})
     return f"""  curl -s http://127.0.0.1:{gateway_port}/api/v1/fraud -H "Authorization: Bearer $TOKEN" \\
     -H 'content-type: application/json' -d '{payload}'
+
+  # By card: the transaction's own fields, the card's aggregates from the online feature store (Redis);
+  # audit log: redis-cli XRANGE fraud:audit - + COUNT 10
+  curl -s http://127.0.0.1:{gateway_port}/api/v1/fraud -H "Authorization: Bearer $TOKEN" \\
+    -H 'content-type: application/json' -d '{by_card}'
 
   # gRPC through the gateway (same port), or straight to the service on {fraud.grpc_port}:
   grpcurl -plaintext -H "Authorization: Bearer $TOKEN" -d '{payload}' \\
@@ -469,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-socket", type=Path,
                         default=Path(os.environ.get("RUN_CONTROL_SOCKET", CONTROL_SOCKET)),
                         help="unix socket `make rollout` talks to (default: .run/supervisor.sock)")
+    parser.add_argument("--observability", action="store_true", default=os.environ.get("OBSERVABILITY", "") not in
+                        ("", "0", "false"), help="also start Prometheus with the platform's rules (OBSERVABILITY=1)")
+    parser.add_argument("--prometheus-port", type=int, default=int(os.environ.get("PROMETHEUS_PORT", "9090")))
     parser.add_argument("--no-wait", action="store_true", help="exit once everything is healthy (for smoke tests)")
     args = parser.parse_args(argv)
     if args.replicas < 1:
@@ -484,10 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     control = ControlServer(args.control_socket, {"status": stack.status, "rollout": stack.rollout})
     try:
         stack.start_redis(args.redis_port)
+        stack.materialize_features()
         for group in stack.groups.values():
             for slot in range(args.replicas):
                 stack.start_replica(group, slot)
         stack.start_gateway()
+        if args.observability:
+            stack.start_prometheus(args.prometheus_port)
         stack.up.set()
         print(usage(args.model_repository, {svc.name: svc for svc in services}, args.gateway_port,
                     args.gateway_admin_port), flush=True)
