@@ -25,10 +25,11 @@ BENCH_CONSTRAINTS := bench/mlserver-constraints.txt
         tools tools-constraints k8s-manifests k8s-check compose-config base-image wheelhouse images test-images compose-test
 
 help:
-	@echo "make run     - set up, build models if missing, start Redis + every service + the gateway, restart what dies (Ctrl-C stops); REPLICAS=2 for two processes per service"
+	@echo "make run     - set up, build models if missing, start Redis + every service + the gateway, restart what dies (Ctrl-C stops); REPLICAS=2 for two processes per service; OBSERVABILITY=1 adds Prometheus with the alert rules (:9090)"
 	@echo "make rollout [SERVICE=fraud] - replace the running make run's replicas one at a time, drained first: no failed request (new code, new models)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"
+	@echo "make features - fraud's online features: the synthetic cards into the Redis at REDIS_URL (make run does it)"
 	@echo "make bench   - load tests (raw, cost, curve, mix, spike, overload, cache, MLServer peer) -> bench/results/<ts>/report.md"
 	@echo "make bench-raw|bench-cost|bench-curve|bench-mix|bench-spike|bench-overload|bench-cache|bench-swaps - one scenario; BENCH_ARGS=--quick for a smoke run"
 	@echo "make bench-models - the older per-model closed-loop benches in bench/legacy/ (fraud, gateway, cnn, sentiment)"
@@ -62,6 +63,13 @@ protos: $(STAMP)
 # Every model of deploy/services.yaml (typed services' build modules, models/<name>/build.py).
 models: $(STAMP)
 	$(BIN)/python -m deploy.catalog build --repository $(MODELS)
+
+# Fraud's online features: the synthetic cards (card-000000 ...) into the Redis at REDIS_URL (make run does this
+# by itself into the Redis it starts).
+REDIS_URL ?= redis://127.0.0.1:6379/0
+.PHONY: features
+features: setup
+	$(BIN)/python -m fraud_service.materialize --redis-url $(REDIS_URL)
 
 # Debian packages the tests need: Redis, and promtool (package prometheus) for the alert rules; podman (as root,
 # with Debian's runc, netavark + aardvark-dns for service names, catatonit for compose's `init: true`) and
