@@ -9,7 +9,9 @@ Outputs (committed, so `kubectl kustomize k8s/overlays/<name>` works without Pyt
   k8s/base/platform/gateway/envoy.yaml the k8s variant of the gateway's Envoy config
   k8s/base/platform/ratelimit/config.yaml   envoyproxy/ratelimit limits = the gateway's tiers
   k8s/base/platform/prometheusrule.yaml     monitoring/alerts.yaml as a PrometheusRule
-  k8s/components/canary/<name>.yaml    Argo Rollout (workloadRef) + AnalysisTemplate per service
+  k8s/components/canary/<name>.yaml    Argo Rollout (workloadRef, Gateway API plugin) + HTTPRoute +
+                                       AnalysisTemplate per service; the gateway's route-sync sidecar
+  k8s/cluster/argo-rollouts/           the Gateway API plugin's registration and RBAC (cluster admin)
   k8s/overlays/prod/...                GPU pool / guaranteed QoS patches, prod gateway config
   k8s/overlays/kserve/...              InferenceService per model, gateway config for KServe, and
                                        knative-features.yaml (the Knative flags the predictors need)
@@ -31,7 +33,7 @@ from typing import Any
 import yaml
 from mlplatform_gateway import render
 
-from deploy import catalog
+from deploy import canary_plan, catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES_FILE = catalog.SERVICES_FILE
@@ -259,11 +261,16 @@ human: half an hour of a canary too idle to judge."""
 
 
 def canary_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Argo Rollout over the service's Deployment: 5 % for 1 h with analysis, then 100 %; abort rolls back.
+    """Argo Rollout over the service's Deployment, its HTTPRoute and its AnalysisTemplate.
+
+    The Rollout routes traffic with Argo's Gateway API plugin: each `setWeight` sets the weights of the
+    HTTPRoute's two backendRefs, `setHeaderRoute` adds the testers' rule, and the gateway's route-sync
+    sidecar turns the route into Envoy's routes (deploy/canary_plan.py: the steps and their pod counts).
+    The stable ReplicaSet keeps all its pods until promotion; abort sends every call back to it.
 
     No `replicas`: KEDA scales the Rollout (the component retargets the ScaledObject), and the Deployment
     stays at 0 (Argo's migration guidance for `workloadRef`), so nothing else ever sets the count."""
-    weight = render.load_values("k8s")["canary"]["weight_percent"]
+    steps = copy.deepcopy(canary_plan.STEPS)
     rollout = {
         "apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "metadata": {"name": name, "labels": labels(name)},
         "spec": {
@@ -271,18 +278,112 @@ def canary_objects(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> list[
             "selector": {"matchLabels": selector(name)},
             "workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "scaleDown": "progressively"},
             "strategy": {"canary": {
-                # Argo points these at the stable / canary pods; the gateway splits traffic between them.
+                # Argo points these at the stable / canary pods; the HTTPRoute's weights split calls between them.
                 "stableService": f"{name}-headless",
                 "canaryService": f"{name}-canary-headless",
+                "trafficRouting": {
+                    "managedRoutes": [{"name": canary_plan.TESTER_ROUTE}],
+                    "plugins": {GATEWAY_API_PLUGIN: {"httpRoute": name, "namespace": cfg["namespace"]}},
+                },
                 "maxSurge": "25%", "maxUnavailable": 0,
-                "analysis": {"templates": [{"templateName": f"{name}-canary"}], "startingStep": 1,
+                "analysis": {"templates": [{"templateName": f"{name}-canary"}],
+                             "startingStep": canary_plan.first_traffic_step(steps),
                              "args": [{"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}},
                                       {"name": "stable-hash", "valueFrom": {"podTemplateHashValue": "Stable"}}]},
-                "steps": [{"setWeight": weight}, {"pause": {"duration": "1h"}}, {"setWeight": 100}],
+                "steps": steps,
             }},
         },
     }
-    return [rollout, analysis_template(cfg, name)]
+    return [rollout, http_route(cfg, name, svc), analysis_template(cfg, name)]
+
+
+GATEWAY_API_PLUGIN = "argoproj-labs/gatewayAPI"
+GATEWAY_API_PLUGIN_VERSION = "v0.15.0"
+ROUTES_FILE = "/run/gateway-routes/routes.yaml"
+"""Envoy's routes in the prod gateway pod: written by the route-sync sidecar, read by Envoy (file-based RDS)."""
+PROD_GATEWAY = render.deep_merge(PROD_JWKS, {"canary": {"routes_file": ROUTES_FILE}})
+"""The prod gateway's values over the k8s variant (the ConfigMap's values.yaml: route-sync renders with them)."""
+
+
+def http_route(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict[str, Any]:
+    """The service's HTTPRoute: the carrier of its canary weights. Argo's Gateway API plugin edits it; the
+    gateway's route-sync reads it (both backends at the service's gRPC port, all calls to stable at rest)."""
+    grpc_service = catalog.Service.from_entry(name, svc).grpc_service
+    backend = lambda service, weight: {"group": "", "kind": "Service", "name": service,  # noqa: E731
+                                       "port": svc["grpc_port"], "weight": weight}
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "labels": labels(name), "annotations": {
+            "mlplatform.io/routed-by": "the mlplatform gateway's route-sync sidecar (not a Gateway controller)"}},
+        "spec": {"rules": [{
+            # The gateway routes REST (after transcoding) and native gRPC by the gRPC service's path.
+            "matches": [{"path": {"type": "PathPrefix", "value": f"/{grpc_service}"}}],
+            "backendRefs": [backend(f"{name}-headless", 100), backend(f"{name}-canary-headless", 0)],
+        }]},
+    }
+
+
+def route_sync_objects(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """The gateway's route-sync: a native sidecar (starts before Envoy, writes the routes file first) with
+    its own service-account token (Envoy's container gets none), and read access to the HTTPRoutes."""
+    gw_labels = labels("gateway", "gateway")
+    sidecar = {
+        "name": "route-sync", "image": image(cfg, "gateway"), "imagePullPolicy": "Always",
+        # A native sidecar: it runs for the pod's life, and Envoy starts once its startup probe passes.
+        "restartPolicy": "Always",
+        "command": ["python", "-m", "mlplatform_gateway", "route-sync", "--out", ROUTES_FILE,
+                    "--values", "/etc/envoy/config/values.yaml", "--namespace", cfg["namespace"],
+                    "--interval-s", "2"],
+        "startupProbe": {"exec": {"command": ["test", "-s", ROUTES_FILE]}, "periodSeconds": 1,
+                         "failureThreshold": 60},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
+        "securityContext": container_security(),
+        "volumeMounts": [{"name": "config", "mountPath": "/etc/envoy/config", "readOnly": True},
+                         {"name": "routes", "mountPath": ROUTES_FILE.rsplit("/", 1)[0]},
+                         {"name": "route-sync-token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                          "readOnly": True}],
+    }
+    token_volume = {"name": "route-sync-token", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}}]}}
+    patch = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "gateway"}, "spec": {"template": {
+        "spec": {
+            "initContainers": [sidecar],
+            "containers": [{"name": "gateway", "volumeMounts": [
+                {"name": "routes", "mountPath": ROUTES_FILE.rsplit("/", 1)[0], "readOnly": True}]}],
+            "volumes": [{"name": "routes", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}, token_volume],
+        }}}}
+    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "gateway-route-sync", "labels": gw_labels},
+            "rules": [{"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
+                       "verbs": ["get", "list", "watch"]}]}
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "gateway-route-sync", "labels": gw_labels},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "gateway-route-sync"},
+               "subjects": [{"kind": "ServiceAccount", "name": "gateway", "namespace": cfg["namespace"]}]}
+    return [patch, role, binding]
+
+
+def argo_plugin_objects() -> list[dict[str, Any]]:
+    """Cluster set-up for the canaries (k8s/cluster/argo-rollouts): the Gateway API plugin registered with the
+    Argo Rollouts controller, and its right to edit HTTPRoutes."""
+    name = "argo-rollouts-gateway-api-plugin"
+    plugins = [{"name": GATEWAY_API_PLUGIN, "location": (
+        "https://github.com/argoproj-labs/rollouts-plugin-trafficrouter-gatewayapi/releases/download/"
+        f"{GATEWAY_API_PLUGIN_VERSION}/gatewayapi-plugin-linux-amd64")}]
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap",
+         "metadata": {"name": "argo-rollouts-config", "namespace": "argo-rollouts"},
+         "data": {"trafficRouterPlugins": yaml.safe_dump(plugins, sort_keys=False)}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+         "rules": [{"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
+                   {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes"],
+                    "verbs": ["get", "list", "update", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": "argo-rollouts", "namespace": "argo-rollouts"}]},
+    ]
 
 
 def analysis_queries(cfg: dict[str, Any], name: str) -> dict[str, str]:
@@ -393,6 +494,10 @@ def knative_features() -> dict[str, Any]:
             "metadata": {"name": "config-features", "namespace": "knative-serving"}, "data": KNATIVE_FEATURES}
 
 
+KSERVE_CANARY_PERCENT = next(s["setWeight"] for s in canary_plan.STEPS if s.get("setWeight"))
+"""KServe's static split for a new revision: the first weight of the prod overlay's Argo canary."""
+
+
 def inference_service(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict[str, Any]:
     """KServe: our image as a custom predictor speaking the Open Inference Protocol over gRPC (port h2c).
 
@@ -414,7 +519,7 @@ def inference_service(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> di
     container.pop("lifecycle", None)
     spec: dict[str, Any] = {
         "minReplicas": svc["autoscaling"]["min_replicas"], "maxReplicas": svc["autoscaling"]["max_replicas"],
-        "canaryTrafficPercent": render.load_values("k8s")["canary"]["weight_percent"],
+        "canaryTrafficPercent": KSERVE_CANARY_PERCENT,
         "serviceAccountName": name,
         # The predictor pods carry the service's name label, so the Redis NetworkPolicy admits fraud's.
         "labels": selector(name),
@@ -534,12 +639,22 @@ def outputs() -> dict[Path, str]:
     retarget += [{"target": {"kind": "Deployment", "name": n},
                   "patch": yaml.safe_dump([{"op": "add", "path": "/spec/replicas", "value": 0}], sort_keys=False)}
                  for n in names]
+    patch, *rbac = route_sync_objects(cfg)
+    out[K8S / "components" / "canary" / "gateway-route-sync.yaml"] = dump(rbac, src)
+    out[K8S / "components" / "canary" / "gateway-route-sync-patch.yaml"] = dump(patch, src)
     out[K8S / "components" / "canary" / "kustomization.yaml"] = dump(
         {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", "namespace": NAMESPACE,
-         "resources": [f"{n}.yaml" for n in names],
+         "resources": [*(f"{n}.yaml" for n in names), "gateway-route-sync.yaml"],
          # The Rollout owns the replica count now: KEDA scales it; the Deployment stays at 0 (Argo's
          # migration guidance for workloadRef), so re-applying never brings back pods Argo removed.
-         "patches": retarget}, src)
+         # The gateway gets its route-sync sidecar (the canary weights Argo sets reach Envoy).
+         "patches": [*retarget, {"path": "gateway-route-sync-patch.yaml"}]}, src)
+    # Not resources of any overlay: a cluster admin applies them once where Argo Rollouts runs.
+    out[K8S / "cluster" / "argo-rollouts" / "gateway-api-plugin.yaml"] = dump(argo_plugin_objects(),
+                                                                              "deploy/generate.py")
+    out[K8S / "cluster" / "argo-rollouts" / "kustomization.yaml"] = dump(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+         "resources": ["gateway-api-plugin.yaml"]}, "deploy/generate.py")
     out[K8S / "overlays" / "kserve" / "services" / "kustomization.yaml"] = dump(
         kustomization([f"{n}.yaml" for n in names]), src)
     # Not a resource of the overlay (it lives in knative-serving): the admin applies it once.
@@ -560,7 +675,11 @@ def outputs() -> dict[Path, str]:
     out[render.SERVICES_FILE] = outputs_gateway_services()
     gw = "gateway-envoy/src/mlplatform_gateway (template + variants/k8s.yaml)"
     out[K8S / "base" / "platform" / "gateway" / "envoy.yaml"] = render.render("k8s")
-    out[K8S / "overlays" / "prod" / "gateway" / "envoy.yaml"] = render.render("k8s", PROD_JWKS)
+    out[K8S / "overlays" / "prod" / "gateway" / "envoy.yaml"] = render.render("k8s", PROD_GATEWAY)
+    out[K8S / "overlays" / "prod" / "gateway" / "values.yaml"] = HEADER.format(source="deploy/generate.py") + (
+        "# The prod gateway's values over the k8s variant: envoy.yaml was rendered with them, and route-sync\n"
+        "# renders the routes file (canary.routes_file) with them too.\n") + yaml.safe_dump(PROD_GATEWAY,
+                                                                                         sort_keys=False)
     kserve_endpoints = {n: [f"{n}-predictor.{cfg['namespace']}.svc.cluster.local:80"] for n in names}
     out[K8S / "overlays" / "kserve" / "gateway" / "envoy.yaml"] = render.render(
         "k8s", {"canary": None, "upstreams": {"endpoints": kserve_endpoints, "host_rewrite": True}})

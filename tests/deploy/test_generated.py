@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlplatform_gateway import auth, render
+from mlplatform_gateway import auth, render, routesync
 from mlplatform_gateway.local import prepare_files_dir
 
 from deploy import generate
@@ -47,8 +47,18 @@ def test_committed_gateway_configs_are_accepted_by_envoy(relpath, files_dir, tmp
     """`envoy --mode validate` on the file the ConfigMap carries (its /etc/envoy paths pointed at local copies)."""
     text = (ROOT / relpath).read_text()
     assert '"/etc/envoy/descriptors.pb"' in text
+    text = text.replace('"/etc/envoy/', f'"{files_dir}/')
+    if generate.ROUTES_FILE in text:
+        # The prod gateway reads its routes from the file its route-sync sidecar writes before Envoy starts
+        # (with the values the ConfigMap carries beside envoy.yaml): write it the same way here.
+        routes = tmp_path / "routes" / "routes.yaml"
+        values = yaml.safe_load((ROOT / relpath).with_name("values.yaml").read_text())
+        assert routesync.RouteSync(lambda: {}, routes, overrides=values).step()
+        assert yaml.safe_load(routes.read_text())["resources"][0]["name"] == "gateway"
+        text = text.replace(f'"{generate.ROUTES_FILE}"', f'"{routes}"').replace(
+            f'"{Path(generate.ROUTES_FILE).parent}"', f'"{routes.parent}"')
     path = tmp_path / "envoy.yaml"
-    path.write_text(text.replace('"/etc/envoy/', f'"{files_dir}/'))
+    path.write_text(text)
     render.validate(path)
 
 

@@ -34,7 +34,7 @@ def canary_replica(model_repository: Path):
 
 def canary_gateway(stable: ServiceProcess, canary: ServiceProcess, key: auth.SigningKey, weight: int) -> GatewayProcess:
     k8s = render.load_values("k8s")["canary"]
-    overrides = {"canary": {"weight_percent": weight, "header": k8s["header"], "claim": k8s["claim"],
+    overrides = {"canary": {"weight_percent": weight, "testers": True, "header": k8s["header"], "claim": k8s["claim"],
                             "host": "127.0.0.1", "endpoints": {"fraud": [canary.target]}}}
     gw = GatewayProcess({"fraud": [stable.target]}, key.jwks_path, overrides).start()
     gw.wait_healthy(1, cluster="fraud_canary_pods")
@@ -129,7 +129,7 @@ def test_k8s_variant_drops_the_client_header_before_routing_and_sets_it_from_the
     sets it (from the claim `make token TESTER=1` mints) and re-selects the route; the canary routes match it."""
     canary = render.load_values("k8s")["canary"]
     assert canary["claim"] == auth.CANARY_TESTER_CLAIM
-    config = yaml.safe_load(render.render("k8s"))
+    config = yaml.safe_load(render.render("k8s", {"canary": {"testers": True}}))
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in hcm["http_filters"]]
     mutation = hcm["http_filters"][names.index("envoy.filters.http.header_mutation")]["typed_config"]

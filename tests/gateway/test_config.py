@@ -105,23 +105,61 @@ def test_k8s_global_rate_limit_sends_the_same_descriptors_as_the_local_limit(fil
     assert vh_limits[1]["actions"] == vh_limits[0]["actions"][:1]
 
 
-def test_k8s_canary_split_and_header_route(files_dir):
+def _upstream_routes(cfg: dict) -> list[dict]:
+    """The routes to upstreams (the refusals before them: tests/gateway/test_model_control.py)."""
+    return [r for r in _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]
+
+
+def test_k8s_sends_nothing_to_the_canary_unless_a_route_says_so(files_dir):
     k8s = yaml.safe_load(render.render("k8s", {"files_dir": str(files_dir)}))
-    # The routes to upstreams (the refusals before them: tests/gateway/test_model_control.py).
-    routes = [r for r in _hcm(k8s)["route_config"]["virtual_hosts"][0]["routes"] if "route" in r]
+    routes = _upstream_routes(k8s)
+    assert not [r for r in routes if "headers" in r["match"]]  # no tester route outside a rollout
+    assert {r["route"]["cluster"] for r in routes} == {"fraud", "cnn", "sentiment", "generic"}
+    canary = clusters(k8s)["fraud_canary"]
+    assert canary["cluster_type"]["typed_config"]["clusters"] == ["fraud_canary_pods", "fraud"]
+    pods = clusters(k8s)["fraud_canary_pods"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert pods["address"]["socket_address"]["address"] == "fraud-canary-headless.mlplatform.svc.cluster.local"
+    assert clusters(k8s)["fraud_canary_pods"]["health_checks"] == clusters(k8s)["fraud"]["health_checks"]
+
+
+def test_k8s_canary_weights_and_tester_routes_per_service(files_dir):
+    routes_state = {"fraud": {"weight_percent": 5, "testers": True, "origin": "HTTPRoute mlplatform/fraud"},
+                    "cnn": {"weight_percent": 100, "testers": False}}
+    k8s = yaml.safe_load(render.render("k8s", {"files_dir": str(files_dir), "canary": {"routes": routes_state}}))
+    routes = _upstream_routes(k8s)
     header_routes = [r for r in routes if "headers" in r["match"]]
-    assert header_routes and all(r["route"]["cluster"].endswith("_canary") for r in header_routes)
+    # Only fraud's testers: its streaming method and its service prefix, before every unmarked route.
+    assert [r["match"].get("path") or r["match"]["prefix"] for r in header_routes] == [
+        "/fraud.v1.FraudService/StreamPredict", "/fraud.v1.FraudService/"]
+    assert all(r["route"]["cluster"] == "fraud_canary" for r in header_routes)
     assert all(r["match"]["headers"] == [{"name": "x-canary", "string_match": {"exact": "true"}}]
                for r in header_routes)
     assert routes.index(header_routes[-1]) < min(routes.index(r) for r in routes if "headers" not in r["match"])
     split = next(r for r in routes if r["match"] == {"prefix": "/fraud.v1.FraudService/"})
     assert split["route"]["weighted_clusters"]["clusters"] == [{"name": "fraud", "weight": 95},
                                                                {"name": "fraud_canary", "weight": 5}]
-    canary = clusters(k8s)["fraud_canary"]
-    assert canary["cluster_type"]["typed_config"]["clusters"] == ["fraud_canary_pods", "fraud"]
-    pods = clusters(k8s)["fraud_canary_pods"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    assert pods["address"]["socket_address"]["address"] == "fraud-canary-headless.mlplatform.svc.cluster.local"
-    assert clusters(k8s)["fraud_canary_pods"]["health_checks"] == clusters(k8s)["fraud"]["health_checks"]
+    cnn = next(r for r in routes if r["match"] == {"prefix": "/cnn.v1.CnnService/"})
+    assert cnn["route"]["cluster"] == "cnn_canary"  # 100 %: the canary (its pods, else the stable ones)
+    sentiment = next(r for r in routes if r["match"] == {"prefix": "/sentiment.v1.SentimentService/"})
+    assert sentiment["route"]["cluster"] == "sentiment"
+
+
+def test_routes_file_moves_the_route_table_to_rds(files_dir, tmp_path):
+    overrides = {"files_dir": str(files_dir), "canary": {"routes_file": str(tmp_path / "routes" / "routes.yaml"),
+                                                         "routes": {"fraud": {"weight_percent": 30}}}}
+    bootstrap = yaml.safe_load(render.render("k8s", overrides))
+    hcm = _hcm(bootstrap)
+    assert "route_config" not in hcm
+    assert hcm["rds"]["config_source"]["path_config_source"] == {
+        "path": str(tmp_path / "routes" / "routes.yaml"), "watched_directory": {"path": str(tmp_path / "routes")}}
+    rds = yaml.safe_load(render.render_routes("k8s", overrides, origin="test"))
+    inline_overrides = {**overrides, "canary": {"routes": {"fraud": {"weight_percent": 30}}}}
+    inline = yaml.safe_load(render.render("k8s", inline_overrides))
+    table = rds["resources"][0]
+    assert table.pop("@type") == "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+    assert table == _hcm(inline)["route_config"]  # the same table, only moved
+    with pytest.raises(render.GatewayConfigError, match="absolute path"):
+        render.render("k8s", {"files_dir": str(files_dir), "canary": {"routes_file": "routes.yaml"}})
 
 
 def _jwt_provider(cfg: dict) -> dict:
@@ -196,7 +234,10 @@ def test_tracing_is_off_without_an_endpoint(files_dir, monkeypatch):
     ({"rate_limit": {"global_service": {"host": "rl", "port": 8081, "domain": "d", "timeout_ms": 50,
                                         "failure_mode_deny": False},
                      "methods": {"fraud.v1.FraudService/PredictBatch": {"standard": 20}}}}, "cannot be combined"),
-    ({"canary": {"weight_percent": 120, "header": "x-canary", "host": "{name}-canary"}}, "weight_percent"),
+    ({"canary": {"weight_percent": 120, "header": "x-canary", "claim": "c", "host": "{name}-canary"}},
+     "weight_percent"),
+    ({"canary": {"header": "x-canary", "claim": "c", "host": "{name}-canary",
+                 "routes": {"fraud": {"weight_percent": 5.5}}}}, "canary weight of fraud"),
 ])
 def test_bad_values_are_refused_with_a_reason(files_dir, overrides, message):
     with pytest.raises(render.GatewayConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -5,12 +5,16 @@
   token   --sub NAME [--tier T] [--ttl S] [--canary-tester]   print a signed RS256 token
   ready   [--admin-port P]             exit 0 when Envoy's admin /ready says LIVE (container HEALTHCHECK)
   drain   [--admin-port P] [--drain-time-s S] [--min-wait-s S]   drain Envoy before its SIGTERM (preStop hook)
+  route-sync --out F [--values V] [--namespace N] [--interval-s S] [--once]   keep Envoy's routes file equal to
+                                       what the services' HTTPRoutes (Argo Rollouts' canary steps) ask for
 (`--key-dir D` before the command picks the dev key directory; default .dev/gateway)
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mlplatform_gateway import auth, render
+from mlplatform_gateway import auth, render, routesync
 from mlplatform_gateway.local import DEFAULT_KEY_DIR, DRAIN_TIME_S, ROOT, drain, is_live, prepare_files_dir
 
 
@@ -105,6 +109,27 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route_sync(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s route-sync %(levelname)s %(message)s")
+    overrides = yaml.safe_load(args.values.read_text()) if args.values else {}
+    overrides = render.deep_merge(overrides or {}, parse_set(args.set))
+    source = routesync.KubernetesRoutes(args.namespace, server=args.api_server, token_file=args.token_file,
+                                        ca_file=args.ca_file, label_selector=args.label_selector)
+    sync = routesync.RouteSync(source.list, args.out, variant=args.variant, overrides=overrides)
+    if args.once:
+        sync.step()
+        return 0
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sync.run(args.interval_s, stop=lambda: stopping)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlplatform_gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-wait-s", type=float, default=0.0,
                    help="at least this long (Kubernetes: the pod's endpoint removal reaching every client)")
     p.set_defaults(func=cmd_drain)
+    p = sub.add_parser("route-sync", help="rewrite Envoy's routes file from the services' HTTPRoutes (canary steps)")
+    p.add_argument("--out", type=Path, required=True, help="the routes file (the values' canary.routes_file)")
+    p.add_argument("--variant", choices=render.VARIANTS, default="k8s")
+    p.add_argument("--values", type=Path, help="YAML overrides the gateway's config was rendered with")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    p.add_argument("--namespace", default="mlplatform", help="where the HTTPRoutes are")
+    p.add_argument("--label-selector", default=routesync.DEFAULT_LABEL_SELECTOR)
+    p.add_argument("--api-server", help="Kubernetes API URL (default: the pod's in-cluster address)")
+    p.add_argument("--token-file", type=Path, help="bearer token file (default: the pod's service account)")
+    p.add_argument("--ca-file", type=Path, help="API server CA (default: the pod's service account)")
+    p.add_argument("--interval-s", type=float, default=2.0, help="poll interval")
+    p.add_argument("--once", action="store_true", help="one pass (write the routes file) and exit")
+    p.set_defaults(func=cmd_route_sync)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -42,12 +42,18 @@ def prepare_files_dir(directory: Path, jwks_path: Path, descriptors: Path = DESC
     return directory
 
 
+def local_overrides(files_dir: Path, port: int, admin_port: int, endpoints: dict[str, list[str]],
+                    access_log: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The local variant's overrides for the given ports and `endpoints` (service -> `host:port` replicas)."""
+    base = {"files_dir": str(files_dir), "listener": {"port": port}, "admin": {"port": admin_port},
+            "upstreams": {"endpoints": endpoints}, "access_log": {"path": str(access_log)}}
+    return render.deep_merge(base, overrides or {})
+
+
 def render_local(files_dir: Path, port: int, admin_port: int, endpoints: dict[str, list[str]],
                  access_log: Path, overrides: dict[str, Any] | None = None) -> str:
     """The local variant on the given ports, in front of `endpoints` (service -> `host:port` replicas)."""
-    base = {"files_dir": str(files_dir), "listener": {"port": port}, "admin": {"port": admin_port},
-            "upstreams": {"endpoints": endpoints}, "access_log": {"path": str(access_log)}}
-    return render.render("local", render.deep_merge(base, overrides or {}))
+    return render.render("local", local_overrides(files_dir, port, admin_port, endpoints, access_log, overrides))
 
 
 def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int | None = None,
@@ -225,10 +231,15 @@ class GatewayProcess:
     def config_path(self) -> Path:
         return self.workdir / "envoy.yaml"
 
+    @property
+    def values(self) -> dict[str, Any]:
+        """The overrides of the local variant this gateway is rendered with."""
+        return local_overrides(self.workdir, self.port, self.admin_port, self.endpoints, self.access_log_path,
+                               self.overrides)
+
     def render(self) -> str:
         prepare_files_dir(self.workdir, self.jwks_path)
-        return render_local(self.workdir, self.port, self.admin_port, self.endpoints,
-                            self.access_log_path, self.overrides)
+        return render.render("local", self.values)
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.config_path.write_text(self.render())

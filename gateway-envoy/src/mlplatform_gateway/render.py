@@ -98,13 +98,34 @@ def _service_entries(values: dict[str, Any]) -> list[dict[str, Any]]:
             canary_endpoints = [parse_endpoint(e, svc["port"]) for e in configured_canary]
         else:
             canary_endpoints = [(canary["host"].format(name=name), svc["port"])] if canary else []
+        state = canary_state(canary, name)
         entries.append({"name": name, "grpc_service": svc["grpc_service"], "endpoints": endpoints,
-                        "canary_endpoints": canary_endpoints,
+                        "canary_endpoints": canary_endpoints, **state,
                         "streaming_methods": svc.get("streaming_methods", []), "rate_limit_methods": overrides})
     unknown = [m for m in method_limits if not any(m.startswith(e["grpc_service"] + "/") for e in entries)]
     if unknown:
         raise GatewayConfigError(f"rate_limit.methods names unknown services: {unknown}")
     return entries
+
+
+def canary_state(canary: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    """A service's canary routing: `canary_weight` (percent of its unmarked calls to the canary),
+    `canary_testers` (whether a tester's `x-canary` call goes to the canary) and where they came from.
+    `canary.routes.<name>` (what route-sync read from the service's HTTPRoute) wins over the defaults
+    `canary.weight_percent` / `canary.testers`."""
+    if not canary:
+        return {"canary_weight": 0, "canary_testers": False, "canary_weight_origin": "no canary"}
+    route = (canary.get("routes") or {}).get(name)
+    if route is not None:
+        weight, testers = route.get("weight_percent", 0), bool(route.get("testers", False))
+        origin = route.get("origin") or f"canary.routes.{name}"
+    else:
+        weight, testers, origin = canary.get("weight_percent", 0), bool(canary.get("testers", False)), \
+            "canary.weight_percent"
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
+        raise GatewayConfigError(f"canary weight of {name} ({origin}) must be an integer within 0..100, "
+                                 f"got {weight!r}")
+    return {"canary_weight": weight, "canary_testers": testers, "canary_weight_origin": origin}
 
 
 def _tracing(values: dict[str, Any]) -> dict[str, Any]:
@@ -149,8 +170,18 @@ def retry_after_s(rate_limit: dict[str, Any]) -> int:
 
 
 def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> str:
-    """The Envoy YAML for `variant` with `overrides` applied."""
-    values = load_values(variant, overrides)
+    """The Envoy YAML for `variant` with `overrides` applied. With `canary.routes_file` set, the listener
+    takes its routes from that file (`render_routes` writes its content)."""
+    return _render(load_values(variant, overrides))
+
+
+def render_routes(variant: str = "local", overrides: dict[str, Any] | None = None, origin: str = "") -> str:
+    """The route table alone, as the RDS file Envoy reads from `canary.routes_file` (one RouteConfiguration);
+    `origin` is said in its header comment."""
+    return _render(load_values(variant, overrides), routes_only=True, origin=origin)
+
+
+def _render(values: dict[str, Any], routes_only: bool = False, origin: str = "") -> str:
     if not values.get("files_dir"):
         raise GatewayConfigError("files_dir is not set: the directory holding descriptors.pb (and jwks.json)")
     rate_limit = values["rate_limit"]
@@ -167,14 +198,15 @@ def render(variant: str = "local", overrides: dict[str, Any] | None = None) -> s
             raise GatewayConfigError("rate_limit.global_service already counts across replicas: "
                                      "drop share_across_gateway_replicas")
     canary = values.get("canary")
-    if canary and not 0 <= canary.get("weight_percent", -1) <= 100:
-        raise GatewayConfigError(f"canary.weight_percent must be within 0..100, got {canary.get('weight_percent')!r}")
+    if canary and canary.get("routes_file") and not str(canary["routes_file"]).startswith("/"):
+        raise GatewayConfigError(f"canary.routes_file must be an absolute path, got {canary['routes_file']!r}")
     if canary and not (canary.get("header") and canary.get("claim")):
         raise GatewayConfigError("canary needs `header` (the canary route's header) and `claim` (the token claim "
                                  "that alone sets it; clients' own header is dropped)")
     context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values)}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-    text = env.from_string(_package_text("envoy.yaml.j2")).render(**context)
+    text = env.from_string(_package_text("envoy.yaml.j2")).render(
+        **context, routes_only=routes_only, routes_origin=f" ({origin})" if origin else "")
     yaml.safe_load(text)  # a template mistake fails here, with a line number, before Envoy sees it
     return text
 
