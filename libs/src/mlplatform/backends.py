@@ -1,7 +1,7 @@
-"""Models served by a runtime: `OnnxModel` (ONNX Runtime) and `RuntimeModel` (TorchScript or ONNX
-Runtime, as the config's runtime variant says). With a `config.json` alone, either serves a model
-over the Open Inference Protocol (the generic model service); a service subclasses them for
-model-specific validation, pre/post-processing and fallbacks.
+"""Models served by a runtime: `OnnxModel` (ONNX Runtime) and `RuntimeModel` (TorchScript, ONNX Runtime or
+torch.export, as the config's runtime variant says: any servable format of the optimisation toolkit).
+With a `config.json` alone, either serves a model over the Open Inference Protocol (the generic model
+service); a service subclasses them for model-specific validation, pre/post-processing and fallbacks.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mlplatform.config import ModelConfig
 from mlplatform.model import Model, Tensors
 from mlplatform.repository import ModelVersion
 from mlplatform.runtimes.onnx import OnnxRuntimeSession, resolve_provider_options
+from mlplatform.runtimes.torch_export import ExportedProgramSession
 from mlplatform.runtimes.torchscript import TorchScriptSession
 from mlplatform.variants import AUTO, VariantChoice, choose_variant, gpu_available
 
@@ -52,12 +53,7 @@ class OnnxModel(Model):
     def provider_options(self) -> dict[str, dict]:
         """The config's `runtime.options.provider_options` resolved for this version (cache paths under its
         directory, TensorRT profile for batch 1 / `tensorrt_opt_batch_size` / max_batch_size)."""
-        rt = self.config.runtime
-        return resolve_provider_options(
-            rt.options.get("provider_options"), model_dir=self.model_version.path,
-            inputs=[(s.name, s.shape) for s in self.inputs], max_batch_size=self.max_batch_size,
-            opt_batch_size=rt.options.get("tensorrt_opt_batch_size"),
-        )
+        return resolved_provider_options(self, self.config.runtime.options.get("provider_options"))
 
     @property
     def device(self) -> str:
@@ -76,8 +72,19 @@ class OnnxModel(Model):
         self.__dict__.pop("session", None)
 
 
-BACKENDS = ("torchscript", "onnxruntime")
-PLATFORM_BACKENDS = {"pytorch_libtorch": "torchscript", "onnxruntime_onnx": "onnxruntime"}
+def resolved_provider_options(model: Model, options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dict]:
+    """ONNX Runtime provider options resolved for `model`'s version (see `resolve_provider_options`; the TensorRT
+    profile comes from the config's input shapes)."""
+    rt = model.config.runtime
+    return resolve_provider_options(
+        options, model_dir=model.model_version.path, inputs=[(s.name, s.shape) for s in model.inputs],
+        max_batch_size=model.max_batch_size, opt_batch_size=rt.options.get("tensorrt_opt_batch_size"),
+    )
+
+
+BACKENDS = ("torchscript", "onnxruntime", "torch_export")
+PLATFORM_BACKENDS = {"pytorch_libtorch": "torchscript", "onnxruntime_onnx": "onnxruntime",
+                     "pytorch_export": "torch_export"}
 BACKEND_PLATFORMS = {backend: platform for platform, backend in PLATFORM_BACKENDS.items()}
 
 
@@ -132,7 +139,7 @@ class RuntimeModel(Model):
     TorchScript; by default they are the config's.
     """
 
-    session: OnnxRuntimeSession | TorchScriptSession
+    session: OnnxRuntimeSession | TorchScriptSession | ExportedProgramSession
 
     def __init__(self, version: ModelVersion, runtime: str | None = None) -> None:
         super().__init__(version)
@@ -162,8 +169,22 @@ class RuntimeModel(Model):
                 intra_op_threads=rt.intra_op_threads, inter_op_threads=rt.inter_op_threads, options=options,
             )
             return
-        self.session = open_onnx_session(self, self.runtime_path, options.get("provider_options"),
+        if self.backend == "torch_export":
+            self.session = ExportedProgramSession(
+                self.runtime_path, input_names=self.runtime_inputs, output_names=self.runtime_outputs,
+                intra_op_threads=rt.intra_op_threads, kind=options.get("kind", "exported_program"))
+            return
+        self.session = open_onnx_session(self, self.runtime_path, self.provider_options(options),
                                          self.runtime_inputs, self.runtime_outputs, "runtime")
+
+    def provider_options(self, options: Mapping[str, Any] | None = None) -> dict[str, dict]:
+        """ONNX Runtime provider options of the served variant (`options`: the config's runtime options merged
+        with the variant's), resolved for this version when the runtime takes the config's inputs."""
+        provider_options = (options if options is not None else {**self.config.runtime.options, **self.variant}
+                            ).get("provider_options")
+        if self.runtime_inputs == [s.name for s in self.inputs]:
+            return resolved_provider_options(self, provider_options)
+        return dict(provider_options or {})
 
     @property
     def device(self) -> str:
@@ -171,9 +192,11 @@ class RuntimeModel(Model):
 
     @property
     def providers(self) -> list[str]:
-        """ONNX Runtime providers in use, or `torchscript:<device>:<precision>`."""
+        """ONNX Runtime providers in use, `torchscript:<device>:<precision>` or `torch_export:<kind>`."""
         if isinstance(self.session, TorchScriptSession):
             return [f"torchscript:{self.session.choice.device}:{self.session.precision}"]
+        if isinstance(self.session, ExportedProgramSession):
+            return [f"torch_export:{self.session.kind}"]
         return self.session.providers
 
     async def load(self) -> None:

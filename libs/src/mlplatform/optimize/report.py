@@ -34,13 +34,14 @@ def served_variants(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
 
 
 def recommend(rows: Mapping[str, Mapping[str, Any]], max_drop: float, gpu: bool) -> dict[str, dict[str, str]]:
-    """What to ship on CPU (the serving rule itself: `mlplatform.variants.choose_variant`), GPU and edge."""
+    """What to ship on CPU (the serving rule itself, `mlplatform.variants.choose_variant`, over every servable
+    format: what `install` makes the version serve), on GPU and on edge (the fastest .ort within the bound)."""
     rule = {"reference": REFERENCE, "max_accuracy_drop": max_drop, "require_batch_invariant": True}
     variants = served_variants(rows)
     rec: dict[str, dict[str, str]] = {}
-    cpu_only = {n: v for n, v in variants.items() if v["target"] == "cpu" and rows[n]["family"] != "edge"}
+    cpu = {n: v for n, v in variants.items() if v["target"] == "cpu"}
     try:
-        choice = choose_variant(cpu_only, rule, gpu=False)
+        choice = choose_variant(cpu, rule, gpu=False)
         rec["cpu"] = {"format": choice.name, "why": choice.reason}
     except ValueError as exc:
         rec["cpu"] = {"format": "", "why": str(exc)}

@@ -106,6 +106,7 @@ def run(opts: Options) -> dict[str, Any]:
         "model": subject.name, "description": subject.description, "started": started, "quick": opts.quick,
         "machine": machine(), "plan": plan.__dict__, "max_accuracy_drop": opts.max_accuracy_drop,
         "reference": report.REFERENCE, "formats": rows, "out": str(out),
+        "input_names": subject.input_names, "output_names": subject.output_names,
     }
     result["recommended"] = report.recommend(rows, opts.max_accuracy_drop, gpu=result["machine"]["gpu"])
     result["cloud"] = cloud_figures(opts, subject, maker, rows, result["recommended"]["edge"]["format"])
@@ -153,20 +154,21 @@ def install(result: dict[str, Any], out: Path, version_dir: Path) -> dict[str, A
     dest = version_dir / TOOLKIT_DIR
     dest.mkdir(exist_ok=True)
     variants = report.served_variants(result["formats"])
-    inputs = [s["name"] for s in config["inputs"]]
-    subject_inputs = result.get("input_names")
+    # The runtime's tensors when they are not the served ones (text in, token ids to the runtime).
+    io_names = {key: result[f"{key[:-1]}_names"] for key in ("inputs", "outputs")
+                if result[f"{key[:-1]}_names"] != [t["name"] for t in config[key]]}
     for entry in variants.values():
         shutil.copyfile(out / entry["artifact"], dest / entry["artifact"])
         entry["artifact"] = f"{TOOLKIT_DIR}/{entry['artifact']}"
-        if subject_inputs and subject_inputs != inputs:
-            entry["inputs"] = subject_inputs
+        entry.update(io_names)
     shutil.copyfile(out / "report.json", dest / "report.json")
     options = config.setdefault("runtime", {}).setdefault("options", {})
     kept = {n: v for n, v in (options.get("variants") or {}).items() if v.get("target") == "gpu"}
     trt = variants.pop("onnx_tensorrt_fp16", None)
     if trt is None and not kept:
         variants["onnx_tensorrt_fp16"] = {"backend": "onnxruntime", "artifact": f"{TOOLKIT_DIR}/model.onnx",
-                                          "target": "gpu", "description": "TensorRT FP16 via ORT (not measured)"}
+                                          "target": "gpu", "description": "TensorRT FP16 via ORT (not measured)",
+                                          **io_names}
     elif trt is not None:
         variants["onnx_tensorrt_fp16"] = trt
     options["variants"] = {**kept, **variants}

@@ -1,4 +1,7 @@
-"""The digit CNN: an ONNX model taking 0-255 pixels [N, 1, H, W], with its labels and input limits."""
+"""The digit CNN: a model taking 0-255 pixels [N, 1, H, W], with its labels and input limits.
+
+Served by ONNX Runtime from `model.onnx`, or by any runtime variant its config lists (the
+optimisation toolkit's formats, `python -m mlplatform.optimize --model cnn --install DIR`)."""
 
 from __future__ import annotations
 
@@ -7,14 +10,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from cnn_service.images import ImageLimits, pixel_problem
-from mlplatform.backends import OnnxModel
+from mlplatform.backends import RuntimeModel
 from mlplatform.repository import ModelVersion
 
 INPUT = "image"
 PROBABILITIES = "probabilities"
 
 
-class CnnModel(OnnxModel):
+class CnnModel(RuntimeModel):
     """Classifies `image` [N, 1, H, W] float32 pixels; `probabilities` [N, classes] are softmax outputs."""
 
     def __init__(self, version: ModelVersion) -> None:
