@@ -69,3 +69,17 @@ def test_scaled_rules_are_valid_for_promtool(tmp_path):
     path.write_text(yaml.safe_dump(scaled_rules(ROOT / "monitoring" / "alerts.yaml", 30)))
     proc = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0 and "SUCCESS: 9 rules found" in proc.stdout, proc.stdout + proc.stderr
+
+
+PODMAN_COMPOSE = ROOT / ".venv-tools" / "bin" / "podman-compose"
+
+
+@pytest.mark.skipif(not PODMAN_COMPOSE.exists(), reason="podman-compose: make tools")
+def test_compose_resolves_the_observability_profile():
+    """podman-compose parses the file with the profile on: Prometheus, Grafana and Jaeger with their mounts."""
+    proc = subprocess.run([str(PODMAN_COMPOSE), "--profile", "observability", "config"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    assert {"prometheus", "grafana", "jaeger"} <= set(services)
+    assert "./monitoring/grafana/dashboards:/etc/grafana/dashboards:ro" in services["grafana"]["volumes"]
