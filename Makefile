@@ -228,3 +228,11 @@ constraints: setup
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) $(MLSERVER_VENV) $(PERF_VENV) protos/gen .pytest_cache .ruff_cache
+
+# --- Model optimisation toolkit (OPTIMIZATION.md): every format of MODEL made, measured and compared with the ------
+# gateway (started on loopback); build/optimize/$(MODEL)/ gets the artefacts, report.md, report.json and plots. QUICK=1: the
+# small run make test checks (no AOTInductor, no gateway).
+.PHONY: optimize
+optimize: setup models
+	@test -n "$(MODEL)" || { echo "usage: make optimize MODEL=cnn|sentiment [QUICK=1]"; exit 2; }
+	$(BIN)/python -m mlplatform.optimize --model $(MODEL) $(if $(QUICK),--quick,--stack)
