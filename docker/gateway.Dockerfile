@@ -42,10 +42,11 @@ ENV PATH=/opt/venv/bin:${PATH} PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 8080 9902
-# The local run's command line (mlplatform_gateway.local.envoy_command) on the mounted config. Stop it
-# with `python -m mlplatform_gateway drain` first (Kubernetes: the preStop hook): on a bare SIGTERM Envoy
-# closes its listeners at once and resets the calls in flight.
-ENTRYPOINT ["envoy"]
+# The local run's command line (mlplatform_gateway.local.envoy_command) on the mounted config, under a small
+# Python parent that drains Envoy when the container gets its SIGTERM (`docker stop`, compose, podman: on a
+# bare SIGTERM Envoy closes its listeners at once and resets the calls in flight), then stops it. In
+# Kubernetes the preStop hook has drained it already.
+ENTRYPOINT ["python", "-m", "mlplatform_gateway", "envoy", "--admin-port", "9901", "--"]
 CMD ["-c", "/etc/envoy/config/envoy.yaml", "--disable-hot-restart", "--log-level", "warn", "--file-flush-interval-msec", "1000", \
      "--drain-time-s", "5", "--drain-strategy", "immediate"]
 # Envoy's admin /ready (loopback only) says LIVE once every listener is up.

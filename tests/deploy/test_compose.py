@@ -62,8 +62,10 @@ def test_model_services_run_the_local_command_with_the_local_settings(compose, s
 def test_gateway_runs_the_local_envoy_command_after_every_service_is_healthy(compose, services):
     gw = compose["gateway"]
     mounted = "/etc/envoy/config/envoy.yaml"
-    # the image's entrypoint is envoy; two workers whatever the host's core count
-    assert gw["command"] == gateway_local.envoy_command(Path(mounted), concurrency=2)[1:]
+    # Envoy's arguments (the image's entrypoint drains Envoy on SIGTERM, within the grace period); two workers
+    # whatever the host's core count
+    assert gw["command"] == gateway_local.envoy_command(Path(mounted), concurrency=2, drain_time_s=5)[1:]
+    assert gw["stop_grace_period"] == "30s"
     assert f"./build/gateway/envoy-compose.yaml:{mounted}:ro" in gw["volumes"]
     assert gw["depends_on"] == {name: {"condition": "service_healthy"} for name in services}
     assert "127.0.0.1:8080:8080" in gw["ports"]  # GATEWAY_PORT's default in make run

@@ -73,6 +73,19 @@ def test_gateway_image_runs_non_root_and_answers_ready(refs, tmp_path):
                  "--publish", f"127.0.0.1:{port}:8080", refs["gateway"])
         c.wait_healthy(container, timeout=60)
         assert c.podman("exec", container, "id", "-u").stdout.strip() == "10001"
+        # The prod pod's route-sync sidecar runs from this image (read-only root, non-root): with the API out of
+        # reach it still writes the all-stable routes Envoy needs to start.
+        routes = "/tmp/gateway-routes/routes.yaml"
+        sync = c.podman("exec", container, "python", "-m", "mlplatform_gateway", "route-sync", "--once",
+                        "--out", routes, "--api-server", "http://127.0.0.1:1", check=False)
+        assert sync.returncode == 0, sync.stderr
+        assert "RouteConfiguration" in c.podman("exec", container, "cat", routes).stdout
+        # `podman stop` (a bare SIGTERM, as compose and `docker stop` send): the entrypoint drains Envoy first.
+        c.podman("stop", "--time", "20", container)
+        logs = c.podman("logs", container).stdout + c.podman("logs", container).stderr
+        assert "gateway drained in" in logs, logs[-2000:]
+        exit_code = c.podman("inspect", "--format", "{{.State.ExitCode}}", container).stdout.strip()
+        assert exit_code == "0", logs[-2000:]
     finally:
         c.podman("rm", "--force", "--time", "5", container, check=False)
 

@@ -164,7 +164,7 @@ def test_gateway_runs_the_rendered_config(rendered):
     for overlay in OVERLAYS:
         objects = rendered[overlay][1]
         pod = by_kind(objects, "Deployment")["gateway"]["spec"]["template"]["spec"]
-        # mlplatform_gateway.local.envoy_command on the mounted ConfigMap (the image's entrypoint is envoy),
+        # mlplatform_gateway.local.envoy_command on the mounted ConfigMap (Envoy's arguments to the image's entrypoint),
         # one worker per core of the container's CPU limit (not of the node)
         container = pod["containers"][0]
         workers = int(float(str(container["resources"]["limits"]["cpu"]).removesuffix("m")) /

@@ -251,3 +251,34 @@ def test_k8s_gateway_pod_drains_before_sigterm_within_its_grace_period():
     args = json.loads(cmd.removeprefix("CMD "))
     assert args == local.envoy_command(Path("/etc/envoy/config/envoy.yaml"),
                                        drain_time_s=int(flag(args, "--drain-time-s")))[1:]
+    # ... under the draining entrypoint (test_a_bare_sigterm_to_the_image_entrypoint_loses_no_call), on the admin
+    # port the variants use.
+    entry = next(line for line in dockerfile.splitlines() if line.startswith("ENTRYPOINT ["))
+    assert json.loads(entry.removeprefix("ENTRYPOINT ")) == [
+        "python", "-m", "mlplatform_gateway", "envoy", "--admin-port", str(admin["port"]), "--"]
+
+
+def test_a_bare_sigterm_to_the_image_entrypoint_loses_no_call(fraud_service, signing_key, fraud_features):
+    """The gateway image's entrypoint (`python -m mlplatform_gateway envoy -- ...`) drains Envoy when it gets the
+    bare SIGTERM of `docker stop` / compose / podman (no preStop hook there), then stops it."""
+    import subprocess
+    import sys
+
+    from mlplatform_gateway.local import envoy_command
+
+    gw = GatewayProcess({"fraud": [fraud_service.target]}, signing_key.jwks_path, drain_time_s=DRAIN_TIME_S)
+    gw.config_path.write_text(gw.render())
+    envoy_args = envoy_command(gw.config_path, log_flush_ms=200, drain_time_s=DRAIN_TIME_S)[1:]
+    log = (gw.workdir / "envoy.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlplatform_gateway", "envoy", "--admin-port", str(gw.admin_port),
+                             "--", *envoy_args], stdout=log, stderr=subprocess.STDOUT)
+    gw.proc = proc
+    try:
+        gw.wait_healthy(1, cluster="fraud")
+        run = stop_under_load(gw, signing_key, fraud_features[0], graceful=False)  # SIGTERM to the entrypoint
+    finally:
+        gw.stop(graceful=False)
+    assert run.calls.failed == []
+    assert len([s for s in run.calls.ok if s >= run.stop_at]) >= 20
+    assert proc.returncode == 0
+    assert "gateway drained in" in gw.logs()

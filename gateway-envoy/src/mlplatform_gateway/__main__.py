@@ -5,6 +5,8 @@
   token   --sub NAME [--tier T] [--ttl S] [--canary-tester]   print a signed RS256 token
   ready   [--admin-port P]             exit 0 when Envoy's admin /ready says LIVE (container HEALTHCHECK)
   drain   [--admin-port P] [--drain-time-s S] [--min-wait-s S]   drain Envoy before its SIGTERM (preStop hook)
+  envoy   [--admin-port P] -- ENVOY_ARGS...   run Envoy; on SIGTERM/SIGINT drain it first, then stop it (the
+                                       image's entrypoint: compose and `docker stop` lose no call either)
   route-sync --out F [--values V] [--namespace N] [--interval-s S] [--once]   keep Envoy's routes file equal to
                                        what the services' HTTPRoutes (Argo Rollouts' canary steps) ask for
 (`--key-dir D` before the command picks the dev key directory; default .dev/gateway)
@@ -23,7 +25,15 @@ from typing import Any
 import yaml
 
 from mlplatform_gateway import auth, render, routesync
-from mlplatform_gateway.local import DEFAULT_KEY_DIR, DRAIN_TIME_S, ROOT, drain, is_live, prepare_files_dir
+from mlplatform_gateway.local import (
+    DEFAULT_KEY_DIR,
+    DRAIN_TIME_S,
+    ROOT,
+    drain,
+    is_live,
+    prepare_files_dir,
+    run_draining,
+)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -109,6 +119,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_envoy(args: argparse.Namespace) -> int:
+    envoy_args = args.envoy_args[1:] if args.envoy_args[:1] == ["--"] else args.envoy_args
+    return run_draining(envoy_args, args.admin_port)
+
+
 def cmd_route_sync(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s route-sync %(levelname)s %(message)s")
     overrides = yaml.safe_load(args.values.read_text()) if args.values else {}
@@ -161,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-wait-s", type=float, default=0.0,
                    help="at least this long (Kubernetes: the pod's endpoint removal reaching every client)")
     p.set_defaults(func=cmd_drain)
+    p = sub.add_parser("envoy", help="run Envoy, draining it before it stops (SIGTERM/SIGINT)")
+    p.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port (the config's admin address)")
+    p.add_argument("envoy_args", nargs=argparse.REMAINDER, help="-- then Envoy's own arguments")
+    p.set_defaults(func=cmd_envoy)
     p = sub.add_parser("route-sync", help="rewrite Envoy's routes file from the services' HTTPRoutes (canary steps)")
     p.add_argument("--out", type=Path, required=True, help="the routes file (the values' canary.routes_file)")
     p.add_argument("--variant", choices=render.VARIANTS, default="k8s")

@@ -8,8 +8,11 @@ import contextlib
 import json
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -71,6 +74,36 @@ def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int 
     if concurrency is not None:
         cmd += ["--concurrency", str(concurrency)]
     return cmd
+
+
+def run_draining(envoy_args: list[str], admin_port: int) -> int:
+    """Run Envoy with `envoy_args` until it exits; on SIGTERM or SIGINT, `drain` it first (for its own
+    `--drain-time-s`, else DRAIN_TIME_S), then SIGTERM it. Envoy's exit status.
+
+    A container's stop (`docker stop`, compose, podman) is a bare SIGTERM with no preStop hook: as the image's
+    entrypoint this keeps the calls in flight. In Kubernetes the preStop hook has drained already and this
+    returns at once."""
+    drain_time_s = float(envoy_args[envoy_args.index("--drain-time-s") + 1]) \
+        if "--drain-time-s" in envoy_args else DRAIN_TIME_S
+    proc = subprocess.Popen([render.envoy_binary(), *envoy_args])
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            return
+        stopping.set()
+
+        def stop() -> None:
+            with contextlib.suppress(OSError):
+                result = drain(admin_port, drain_time_s)
+                print(f"gateway drained in {result.waited_s:.1f} s before stopping", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        threading.Thread(target=stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return proc.wait()
 
 
 def admin_get(admin_port: int, path: str) -> str:
