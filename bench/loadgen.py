@@ -138,8 +138,50 @@ def load_inputs(model: str, n: int, seed: int) -> list[Any]:
     raise ValueError(f"unknown model {model!r}")
 
 
+CARDS_SOURCE = "fraud-cards"
+"""Payloads source: fraud transactions by card_id (online features), customers drawn from a Zipf law."""
+CARDS = 10_000  # fraud_service.materialize's default: card-000000 ... card-009999
+ZIPF_S = 1.1  # the rank-frequency exponent of customers' activity
+HABITS = 4  # recurring transactions per card (same amount, merchant, place, channel)
+HABIT_SHARE = 0.6  # share of a card's transactions that are one of its habits
+_MCCS = ("5411", "5812", "5814", "4111", "5541", "5311", "5912", "5732", "5999", "4511")
+
+
+def _habits(card: int) -> list[dict[str, Any]]:
+    """Card `card`'s recurring transactions (fixed per card, whichever worker draws them)."""
+    rng = np.random.default_rng(10_000_000 + card)
+    lat, lon = 40 + 12 * rng.random(), -5 + 20 * rng.random()
+    return [{"card_id": f"card-{card:06d}", "amount": round(float(rng.lognormal(3.6, 0.8)), 2),
+             "merchant_category": _MCCS[int(rng.integers(len(_MCCS)))], "merchant_country": "FR",
+             "latitude": round(lat + rng.normal(0, 0.02), 4), "longitude": round(lon + rng.normal(0, 0.02), 4),
+             "channel": int(rng.choice([1, 1, 2, 3]))} for _ in range(HABITS)]
+
+
+def card_transactions(n: int, seed: int, cards: int = CARDS) -> list[dict[str, Any]]:
+    """`n` scoring-by-card requests (Transaction fields): the card drawn with probability ~ 1 / rank^ZIPF_S, then
+    one of its HABITS recurring transactions with probability HABIT_SHARE, else a new one (its own amount)."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, cards + 1) ** ZIPF_S
+    drawn = rng.choice(cards, size=n, p=weights / weights.sum())
+    habits: dict[int, list[dict[str, Any]]] = {}
+    out = []
+    for card in map(int, drawn):
+        if card not in habits:
+            habits[card] = _habits(card)
+        if rng.random() < HABIT_SHARE:
+            tx = dict(habits[card][int(rng.integers(HABITS))])
+        else:
+            tx = {**habits[card][0], "amount": round(float(rng.lognormal(3.9, 0.9)), 2),
+                  "merchant_category": _MCCS[int(rng.integers(len(_MCCS)))]}
+        out.append(tx)
+    return out
+
+
 def input_sequence(p: Payloads, model: str, n: int) -> list[Any]:
-    """The inputs of `n` consecutive requests: distinct ones, with `repeat_fraction` repeats of earlier ones."""
+    """The inputs of `n` consecutive requests: distinct ones, with `repeat_fraction` repeats of earlier ones
+    (or, for the `fraud-cards` source, transactions by card with Zipf-drawn customers)."""
+    if p.source == CARDS_SOURCE:
+        return card_transactions(n, p.seed)
     rng = np.random.default_rng(p.seed)
     distinct = load_inputs(model, min(n, p.pool), p.seed)
     seq, sent = [], 0
@@ -204,7 +246,8 @@ class GrpcSender(Sender):
     def request(self, x: Any) -> Any:
         m = self.target.model
         if m == "fraud":
-            return self.pb.PredictRequest(transaction=self.pb.Transaction(features=x))
+            tx = self.pb.Transaction(**x) if isinstance(x, dict) else self.pb.Transaction(features=x)
+            return self.pb.PredictRequest(transaction=tx)
         if m == "cnn":
             return self.pb.PredictRequest(image=x)
         return self.pb.PredictRequest(text=x)

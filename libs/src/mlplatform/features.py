@@ -78,7 +78,7 @@ class OnlineFeatureStore:
                                            retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
     async def _read(self, entity: str, now: float) -> tuple[dict[bytes, bytes], list[int]]:
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with asyncio.timeout(self.timeout_s), self.client.pipeline(transaction=False) as pipe:
             pipe.hgetall(hash_key(self.view, entity))
             for seconds in self.windows.values():
                 pipe.zcount(events_key(self.view, entity), f"({now - seconds}", now)
@@ -92,8 +92,7 @@ class OnlineFeatureStore:
         started = time.perf_counter()
         with tracing.span("features.read", **{"features.view": self.view, "features.entity": entity}):
             try:
-                found, counts = await self.breaker.call(
-                    lambda: asyncio.wait_for(self._read(entity, now), self.timeout_s))
+                found, counts = await self.breaker.call(lambda: self._read(entity, now))
             except BreakerOpenError:
                 READS.labels(self.view, "breaker_open").inc()
                 return EntityFeatures({}, {}, "store_unavailable")
