@@ -73,11 +73,13 @@ features: setup
 
 # Debian packages the tests need: Redis, and promtool (package prometheus) for the alert rules; podman (as root,
 # with Debian's runc, netavark + aardvark-dns for service names, catatonit for compose's `init: true`) and
-# debootstrap for the images and the compose stack (make images, make compose-test). Installs only what is missing.
+# debootstrap for the images and the compose stack (make images, make compose-test); node + npm for the CRD schema
+# checks (make tools). Installs only what is missing.
 APT_NEEDED = $$(command -v redis-server >/dev/null || echo redis-server) $$(command -v promtool >/dev/null || echo prometheus) \
   $$(command -v podman >/dev/null || echo podman) $$(command -v runc >/dev/null || echo runc) \
   $$(command -v debootstrap >/dev/null || echo debootstrap) $$([ -x /usr/lib/podman/netavark ] || echo netavark) \
-  $$([ -x /usr/lib/podman/aardvark-dns ] || echo aardvark-dns) $$([ -x /usr/libexec/podman/catatonit ] || echo catatonit)
+  $$([ -x /usr/lib/podman/aardvark-dns ] || echo aardvark-dns) $$([ -x /usr/libexec/podman/catatonit ] || echo catatonit) \
+  $$(command -v node >/dev/null || echo nodejs) $$(command -v npm >/dev/null || echo npm)
 system-deps:
 	@missing="$(APT_NEEDED)"; missing=$$(echo $$missing); [ -z "$$missing" ] || { \
 	  echo "installing $$missing (apt)"; \
@@ -90,7 +92,13 @@ $(TOOLS_STAMP): requirements-tools.txt constraints-tools.txt
 	$(TOOLS_VENV)/bin/pip install -q -c constraints-tools.txt -r requirements-tools.txt
 	@touch $@
 
-tools: $(TOOLS_STAMP)
+# The custom resources' CRD schemas (kubernetes-models, npm; tests/deploy/test_crd_schemas.py), from the lock file.
+CRD_SCHEMAS := tests/deploy/crd-schemas
+$(CRD_SCHEMAS)/node_modules/.installed: $(CRD_SCHEMAS)/package.json $(CRD_SCHEMAS)/package-lock.json | system-deps
+	npm ci --silent --no-audit --no-fund --prefix $(CRD_SCHEMAS)
+	@touch $@
+
+tools: $(TOOLS_STAMP) $(CRD_SCHEMAS)/node_modules/.installed
 
 tools-constraints: tools
 	{ head -2 constraints-tools.txt; $(TOOLS_VENV)/bin/pip freeze; } > constraints-tools.tmp && mv constraints-tools.tmp constraints-tools.txt
