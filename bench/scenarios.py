@@ -626,6 +626,12 @@ def cache(out: Path, repository: Path, cfg: Config) -> dict[str, Any]:
         md += ["", "Latency saved by the cache (off - on): " +
                ", ".join(f"{q[:3]} {v:+.2f} ms" for q, v in saved.items()) +
                f"; model rows saved: {cards['off']['service']['rows'] - cards['on']['service']['rows']:.0f}."]
+    probe = cards.get("on", {}).get("probe")
+    if probe and "hit_p50_ms" in probe and "miss_p50_ms" in probe:
+        md += ["", f"Sequential probe ({probe['calls']} calls, one at a time, `cached` read from each answer): "
+               f"{probe['hits']} hits p50 {probe['hit_p50_ms']:.2f} ms / p99 {probe['hit_p99_ms']:.2f} ms, "
+               f"{probe['misses']} misses p50 {probe['miss_p50_ms']:.2f} ms / p99 {probe['miss_p99_ms']:.2f} ms: "
+               f"a hit saves {probe['miss_p50_ms'] - probe['hit_p50_ms']:+.2f} ms at p50."]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     modes = list(results)
     xs = np.arange(len(modes))
@@ -677,6 +683,29 @@ def feature_reads(port: int) -> dict[str, float]:
             re.finditer(r"^(feature_store_read_duration_seconds_bucket)\{([^}]*)\} (\S+)$", text, re.M)}
 
 
+def probe_hits(target: str, n: int) -> dict[str, Any]:
+    """`n` sequential calls by card (Zipf customers, fresh seed) reading each answer's `cached` flag: p50 / p99 of
+    hits and of misses as the client sees them, i.e. the latency one hit saves."""
+    import grpc
+    from fraud.v1 import fraud_pb2 as pb
+    from fraud.v1 import fraud_pb2_grpc as rpc
+
+    lat: dict[bool, list[float]] = {True: [], False: []}
+    with grpc.insecure_channel(target) as channel:
+        stub = rpc.FraudServiceStub(channel)
+        for tx in loadgen.card_transactions(n, seed=99):
+            request = pb.PredictRequest(transaction=pb.Transaction(**tx))
+            t0 = time.perf_counter()
+            answer = stub.Predict(request, timeout=5).prediction
+            lat[answer.cached].append((time.perf_counter() - t0) * 1000)
+    out: dict[str, Any] = {"calls": n, "hits": len(lat[True]), "misses": len(lat[False])}
+    for cached, name in ((True, "hit"), (False, "miss")):
+        if lat[cached]:
+            out[f"{name}_p50_ms"] = float(np.percentile(lat[cached], 50))
+            out[f"{name}_p99_ms"] = float(np.percentile(lat[cached], 99))
+    return out
+
+
 def card_cache(cfg: Config, repository: Path) -> dict[str, Any]:
     """Fraud scored by card_id with Zipf-drawn customers, prediction cache on and off (features on Redis)."""
     import asyncio
@@ -695,6 +724,7 @@ def card_cache(cfg: Config, repository: Path) -> dict[str, Any]:
             res = loadgen.run([target], [Phase(cfg.cache_s, cfg.cache_rate)],
                               processes=loadgen.worker_processes(cfg.cache_rate))
             after, reads_after = scrape_all(ports), feature_reads(svc.metrics_port)
+            probe = probe_hits(svc.target, 2000 if cfg.cache_s >= 10 else 200) if mode == "on" else None
         finally:
             svc.stop()
             redis.stop()
@@ -705,6 +735,8 @@ def card_cache(cfg: Config, repository: Path) -> dict[str, Any]:
         name = "feature_store_read_duration_seconds"
         s["feature_read_p50_ms"] = histogram_quantile(reads_before, reads_after, name, 0.50)
         s["feature_read_p99_ms"] = histogram_quantile(reads_before, reads_after, name, 0.99)
+        if probe:
+            s["probe"] = probe
         results[mode] = s
         log(f"cache by card, {mode}: hit rate {fmt(s['service']['cache_hit_rate'], 3)}, p50 {fmt(s['p50_ms'], 2)} "
             f"p99 {fmt(s['p99_ms'], 2)} ms, feature read p50 {fmt(s['feature_read_p50_ms'], 2)} "
