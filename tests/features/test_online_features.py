@@ -23,6 +23,8 @@ from fraud_service.materialize import materialize
 from mlplatform.features import EntityFeatures, events_key, hash_key
 from tests.support.procs import RedisServer, ServiceProcess
 
+pytestmark = pytest.mark.integration
+
 CARDS = 300
 NOW = int(time.time())
 
@@ -166,6 +168,18 @@ def test_batch_mixes_card_and_raw_transactions(stub, fraud_features):
     assert first.prediction.feature_source == "store" and first.prediction.card_id == "card-000041"
     assert raw.prediction.feature_source == "request" and raw.prediction.card_id == ""
     assert bad.error.code == "INVALID_ARGUMENT" and bad.error.message.startswith("transactions[2].amount:")
+
+
+def test_stream_scores_cards_in_order(stub, fraud_features):
+    requests = [pb.PredictRequest(transaction=t) for t in (
+        card_tx("card-000061", "s-1", 15.0), pb.Transaction(transaction_id="s-2", features=fraud_features[1]),
+        card_tx("card-000062", "s-3", 15.0, merchant_country="France"), card_tx("never-seen-3", "s-4", 15.0))]
+    results = list(stub.StreamPredict(iter(requests), timeout=10))
+    assert [r.WhichOneof("outcome") for r in results] == ["prediction", "prediction", "error", "prediction"]
+    assert results[0].prediction.feature_source == "store" and results[0].prediction.transaction_id == "s-1"
+    assert results[1].prediction.feature_source == "request"
+    assert results[2].error.index == 2 and "merchant_country" in results[2].error.message
+    assert results[3].prediction.feature_source == "cold_start"
 
 
 @pytest.mark.parametrize(("fields", "message"), [

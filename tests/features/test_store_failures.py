@@ -22,6 +22,8 @@ from fraud_service.materialize import materialize
 from tests.support.metrics import scrape
 from tests.support.procs import RedisServer, ServiceProcess
 
+pytestmark = pytest.mark.integration
+
 CARDS = 50
 
 
