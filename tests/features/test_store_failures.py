@@ -124,3 +124,24 @@ def test_full_write_buffer_drops_and_counts_without_holding_latency(model_reposi
         client.execute_command("CLIENT", "UNPAUSE")
         client.close()
         svc.stop()
+
+
+def test_slow_store_is_cut_at_the_timeout_and_flagged(model_repository, store):
+    svc = start_service(model_repository, store, FRAUD_FEATURE_TIMEOUT_MS="50", FRAUD_CACHE_ENABLED="false")
+    client = redis.Redis.from_url(store.url)
+    try:
+        with grpc.insecure_channel(svc.target) as channel:
+            stub = rpc.FraudServiceStub(channel)
+            assert stub.Predict(pb.PredictRequest(transaction=card_tx(1, 5.0)), timeout=5).prediction.feature_source \
+                == "store"
+            client.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # Redis answers nothing for 3 s
+            started = time.monotonic()
+            sources = [stub.Predict(pb.PredictRequest(transaction=card_tx(i, 7.0 + i)), timeout=5).prediction
+                       .feature_source for i in range(2, 8)]
+            elapsed = time.monotonic() - started
+        assert sources == ["store_unavailable"] * 6
+        assert elapsed < 2.0, f"6 calls took {elapsed:.2f}s with the store paused for 3 s (timeout 50 ms each)"
+    finally:
+        client.execute_command("CLIENT", "UNPAUSE")
+        client.close()
+        svc.stop()
