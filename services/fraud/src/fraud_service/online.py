@@ -10,6 +10,8 @@ Feature view `fraud:card` on Redis (`mlplatform.features`), entity `card_id`:
 
 Every scored transaction is written back off the hot path (`mlplatform.audit.WriteBehind`): its event, the
 30-day sums, the last location; and every prediction is appended to the audit stream `fraud:audit`.
+The event counts are exact sliding windows; the 30-day sums only grow between materialisations (a batch job
+re-windows them: `fraud_service.materialize` stands in for it here).
 
 Cold start (card unknown to the store) and store unavailable (down, over the timeout, breaker open) use the
 same defaults, and the answer says which (`feature_source`): no transactions in the windows, 30-day average =
