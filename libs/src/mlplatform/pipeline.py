@@ -132,7 +132,7 @@ class Predictor:
             else:
                 entries = {keys[i]: cache_mod.encode_outputs({k: v[j] for k, v in computed.items()})
                            for j, i in enumerate(miss)}
-                with tracing.span("cache.set", **{"cache.keys": len(entries)}):
+                with tracing.span("cache.set", **{"cache.keys": len(entries), "model.name": self.model.name}):
                     await self.cache.set_many(entries)
 
         cached = np.zeros(rows, dtype=bool)
