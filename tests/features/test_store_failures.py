@@ -101,12 +101,14 @@ def test_full_write_buffer_drops_and_counts_without_holding_latency(model_reposi
             stub = rpc.FraudServiceStub(channel)
             stub.Predict(pb.PredictRequest(transaction=card_tx(0, 5.0)), timeout=5)
             client.execute_command("CLIENT", "PAUSE", "3000", "WRITE")  # reads go on, every write waits 3 s
-            started = time.monotonic()
-            replies = [stub.Predict(pb.PredictRequest(transaction=card_tx(i, 5.0 + i)), timeout=5).prediction
-                       for i in range(1, 41)]
-            elapsed = time.monotonic() - started
+            replies, took = [], []
+            for i in range(1, 41):
+                started = time.monotonic()
+                replies.append(stub.Predict(pb.PredictRequest(transaction=card_tx(i, 5.0 + i)), timeout=5).prediction)
+                took.append(time.monotonic() - started)
         assert all(r.feature_source == "store" for r in replies)
-        assert elapsed < 2.5, f"40 calls took {elapsed:.2f}s while writes were paused for 3 s"
+        # a call that waited for its writes would take the write timeout (1 s) or the pause (3 s)
+        assert max(took) < 0.9, f"slowest call {max(took):.2f}s while writes were paused for 3 s"
         client.execute_command("CLIENT", "UNPAUSE")
 
         def count(name: str) -> float:
@@ -135,12 +137,15 @@ def test_slow_store_is_cut_at_the_timeout_and_flagged(model_repository, store):
             assert stub.Predict(pb.PredictRequest(transaction=card_tx(1, 5.0)), timeout=5).prediction.feature_source \
                 == "store"
             client.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # Redis answers nothing for 3 s
-            started = time.monotonic()
-            sources = [stub.Predict(pb.PredictRequest(transaction=card_tx(i, 7.0 + i)), timeout=5).prediction
-                       .feature_source for i in range(2, 8)]
-            elapsed = time.monotonic() - started
+            sources, took = [], []
+            for i in range(2, 8):
+                started = time.monotonic()
+                sources.append(stub.Predict(pb.PredictRequest(transaction=card_tx(i, 7.0 + i)), timeout=5)
+                               .prediction.feature_source)
+                took.append(time.monotonic() - started)
         assert sources == ["store_unavailable"] * 6
-        assert elapsed < 2.0, f"6 calls took {elapsed:.2f}s with the store paused for 3 s (timeout 50 ms each)"
+        # cut at 50 ms (or refused by the open breaker); waiting for the paused store would take 3 s
+        assert max(took) < 1.5, f"slowest call {max(took):.2f}s with the store paused for 3 s"
     finally:
         client.execute_command("CLIENT", "UNPAUSE")
         client.close()
