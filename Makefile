@@ -60,6 +60,11 @@ setup: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
+# Publish the REST API's OpenAPI document (generated at setup from the protos) as docs/api/openapi.json.
+.PHONY: openapi
+openapi: protos
+	mkdir -p docs/api && cp protos/gen/openapi.json docs/api/openapi.json
+
 # Every model of deploy/services.yaml (typed services' build modules, models/<name>/build.py).
 models: $(STAMP)
 	$(BIN)/python -m deploy.catalog build --repository $(MODELS)

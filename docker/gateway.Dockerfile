@@ -38,6 +38,7 @@ RUN groupadd --system --gid 10001 mlplatform \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mlplatform
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/protos/gen/descriptors.pb /etc/envoy/descriptors.pb
+COPY --from=build /src/protos/gen/openapi.json /etc/envoy/openapi.json
 ENV PATH=/opt/venv/bin:${PATH} PYTHONDONTWRITEBYTECODE=1 HOME=/tmp
 USER 10001:10001
 WORKDIR /tmp

@@ -2,8 +2,9 @@
 
 Run by `make protos` (and so by every setup target): stubs are generated at setup,
 never committed. Output: protos/gen/python/ (an importable tree: `fraud.v1`,
-`inference`) and protos/gen/descriptors.pb (a FileDescriptorSet with imports, for
-Envoy's gRPC-JSON transcoder).
+`inference`), protos/gen/descriptors.pb (a FileDescriptorSet with imports, for
+Envoy's gRPC-JSON transcoder) and protos/gen/openapi.json (the REST API's OpenAPI
+document, protos/openapi.py; published as docs/api/openapi.json).
 """
 
 from __future__ import annotations
@@ -55,7 +56,12 @@ def main() -> int:
             if d == PY_OUT or PY_OUT not in d.parents:
                 break
             (d / "__init__.py").touch()
-    print(f"generated stubs for {len(files)} protos into {PY_OUT.relative_to(PROTO_ROOT.parent)}")
+    # The REST API's OpenAPI document (from the same descriptors: what the gateway transcodes).
+    sys.path.insert(0, str(PROTO_ROOT))
+    import openapi
+
+    (GEN / "openapi.json").write_text(openapi.dumps(openapi.build((GEN / "descriptors.pb").read_bytes())))
+    print(f"generated stubs for {len(files)} protos into {PY_OUT.relative_to(PROTO_ROOT.parent)}, and openapi.json")
     return 0
 
 

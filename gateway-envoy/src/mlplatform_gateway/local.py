@@ -26,6 +26,8 @@ from mlplatform_gateway import auth, render
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_KEY_DIR = ROOT / ".dev" / "gateway"
 DESCRIPTORS = ROOT / "protos" / "gen" / "descriptors.pb"
+OPENAPI_FILE = "openapi.json"
+"""The REST API's OpenAPI document (protos/openapi.py), beside descriptors.pb; the gateway serves it."""
 DRAIN_TIME_S = 5
 """Local runs' drain window (Envoy's `--drain-time-s`): how long a stopping gateway keeps accepting while it tells
 clients to go away (`Connection: close`, HTTP/2 GOAWAY); its listeners close when it ends. Kubernetes uses
@@ -35,11 +37,16 @@ GATEWAY_STAT_PREFIX = "gateway"
 
 
 def prepare_files_dir(directory: Path, jwks_path: Path, descriptors: Path = DESCRIPTORS) -> Path:
-    """Put descriptors.pb and a copy of `jwks_path` side by side in `directory` (the config's files_dir)."""
+    """Put descriptors.pb, openapi.json and a copy of `jwks_path` side by side in `directory` (the config's
+    files_dir)."""
     if not descriptors.exists():
         raise SystemExit(f"{descriptors} is missing: run `make protos`")
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(descriptors, directory / "descriptors.pb")
+    openapi = descriptors.with_name(OPENAPI_FILE)
+    if not openapi.exists():
+        raise SystemExit(f"{openapi} is missing: run `make protos`")
+    shutil.copyfile(openapi, directory / OPENAPI_FILE)
     if jwks_path.parent.resolve() != directory.resolve():
         shutil.copyfile(jwks_path, directory / auth.JWKS_FILE)
     return directory
