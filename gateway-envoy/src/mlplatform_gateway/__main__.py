@@ -1,7 +1,7 @@
 """`python -m mlplatform_gateway`: render and validate configs, make dev keys, print tokens.
 
   render  --variant local|compose|k8s [--files-dir D] [--set key.path=value ...] [--out F] [--validate]
-  keys                                 create (or keep) the dev signing key and its JWKS
+  keys [--rotate | --retire-previous]  create (or keep) the dev signing key and its JWKS; rotate it with an overlap
   token   --sub NAME [--tier T] [--ttl S] [--canary-tester]   print a signed RS256 token
   ready   [--admin-port P]             exit 0 when Envoy's admin /ready says LIVE (container HEALTHCHECK)
   drain   [--admin-port P] [--drain-time-s S] [--min-wait-s S]   drain Envoy before its SIGTERM (preStop hook)
@@ -86,7 +86,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    key = auth.ensure_dev_keys(args.key_dir)
+    if args.rotate and args.retire_previous:
+        raise SystemExit("--rotate and --retire-previous are two steps: run them apart")
+    key = (auth.rotate_dev_keys(args.key_dir) if args.rotate else auth.retire_previous_keys(args.key_dir)
+           if args.retire_previous else auth.ensure_dev_keys(args.key_dir))
     print(f"dev signing key: {args.key_dir / auth.PRIVATE_KEY_FILE} (kid {key.kid}); JWKS: {key.jwks_path}")
     return 0
 
@@ -157,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--validate", action="store_true", help="check the result with `envoy --mode validate`")
     p.set_defaults(func=cmd_render)
-    p = sub.add_parser("keys", help="create the dev signing key and JWKS if missing")
+    p = sub.add_parser("keys", help="create the dev signing key and JWKS if missing; rotate them")
+    p.add_argument("--rotate", action="store_true",
+                   help="a new signing key; the JWKS keeps trusting the old one (tokens it signed still pass)")
+    p.add_argument("--retire-previous", action="store_true",
+                   help="after a rotation, once old tokens have expired: the JWKS drops the old keys")
     p.set_defaults(func=cmd_keys)
     p = sub.add_parser("token", help="print a signed dev token")
     p.add_argument("--sub", required=True, help="the API key the gateway rate-limits by")

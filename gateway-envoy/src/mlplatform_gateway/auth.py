@@ -1,7 +1,8 @@
 """Dev signing keys, their JWKS, and signed tokens for the gateway's `jwt_authn` filter.
 
 `ensure_dev_keys` writes an RSA key pair (private key mode 0600, never committed) and the
-matching JWKS that the local and compose variants load; `mint_token` signs an RS256 token
+matching JWKS that the local and compose variants load; `rotate_dev_keys` / `retire_previous_keys` rotate it
+with an overlap (both keys trusted, then the old one dropped); `mint_token` signs an RS256 token
 with the claims the gateway checks: `iss`, `aud`, `sub` (the API key the rate limit counts
 by), optional `tier`, `iat` and `exp`, and optionally `canary_tester: true` (the only way to
 reach a running canary: the gateway drops clients' `x-canary` header and sets it from this
@@ -26,6 +27,8 @@ DEV_ISSUER = "mlplatform-dev"
 DEV_AUDIENCE = "mlplatform-api"
 PRIVATE_KEY_FILE = "signing-key.pem"
 JWKS_FILE = "jwks.json"
+PREVIOUS_KEYS_FILE = "previous-keys.json"
+"""Public JWKs of keys rotated out but still trusted (rotate_dev_keys), until retire_previous_keys."""
 CANARY_TESTER_CLAIM = "canary_tester"
 """A verified token with this claim `true` routes to the canary (variants/k8s.yaml `canary.claim`)."""
 
@@ -85,10 +88,48 @@ def ensure_dev_keys(directory: Path) -> SigningKey:
         with os.fdopen(fd, "wb") as f:
             f.write(SigningKey(key, directory).pem())
     signing = SigningKey(key, directory)
-    jwks = json.dumps({"keys": [public_jwk(key)]}, indent=2) + "\n"
-    if not signing.jwks_path.exists() or signing.jwks_path.read_text() != jwks:
-        signing.jwks_path.write_text(jwks)
+    _write_jwks(signing)
     return signing
+
+
+def _previous(directory: Path) -> list[dict[str, str]]:
+    path = directory / PREVIOUS_KEYS_FILE
+    return json.loads(path.read_text())["keys"] if path.exists() else []
+
+
+def _write_jwks(signing: SigningKey) -> None:
+    """The JWKS: the signing key's public half, then the previous keys still trusted (a rotation's overlap)."""
+    keys = [public_jwk(signing.private_key), *(k for k in _previous(signing.directory) if k["kid"] != signing.kid)]
+    jwks = json.dumps({"keys": keys}, indent=2) + "\n"
+    if not signing.jwks_path.exists() or signing.jwks_path.read_text() != jwks:
+        tmp = signing.jwks_path.with_name(f".{JWKS_FILE}.tmp")
+        tmp.write_text(jwks)
+        os.replace(tmp, signing.jwks_path)  # a JWKS server never serves half a file
+
+
+def rotate_dev_keys(directory: Path) -> SigningKey:
+    """Rotation, step 1: a new signing key; the JWKS publishes it beside the old one, which stays trusted (its
+    tokens keep working) until `retire_previous_keys`. Publish the JWKS, wait for the gateways' JWKS cache to
+    refresh, then sign with the new key (`mint_token` on the returned key, `make token`)."""
+    old = ensure_dev_keys(directory)
+    previous = [public_jwk(old.private_key), *_previous(directory)]
+    (directory / PREVIOUS_KEYS_FILE).write_text(json.dumps({"keys": previous}, indent=2) + "\n")
+    key = generate_key()
+    tmp = directory / f".{PRIVATE_KEY_FILE}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(SigningKey(key, directory).pem())
+    os.replace(tmp, directory / PRIVATE_KEY_FILE)
+    signing = SigningKey(key, directory)
+    _write_jwks(signing)
+    return signing
+
+
+def retire_previous_keys(directory: Path) -> SigningKey:
+    """Rotation, step 2 (once the old key's tokens have expired): the JWKS holds the signing key alone, so
+    tokens of the previous keys are refused."""
+    (directory / PREVIOUS_KEYS_FILE).unlink(missing_ok=True)
+    return ensure_dev_keys(directory)
 
 
 def mint_token(key: SigningKey, sub: str, *, ttl_s: int = 3600, tier: str | None = None,
