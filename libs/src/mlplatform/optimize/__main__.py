@@ -30,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token", help="gateway bearer token (with --gateway)")
     parser.add_argument("--stack", action="store_true", help="start the platform on loopback for the cloud figures")
     parser.add_argument("--repository", default="model_repository", help="model repository for --stack")
+    parser.add_argument("--only", default="", help="comma-separated formats to make (plus the FP32 references "
+                        "eager_fp32 and onnx), e.g. onnx_ortopt,onnx_int8_static; default all")
     parser.add_argument("--install", metavar="VERSION_DIR",
                         help="copy the servable formats into this model version and make them its runtime variants")
     args = parser.parse_args(argv)
@@ -40,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = run(Options(model=args.model, subject=args.subject, version_dir=args.version_dir, out=args.out,
                          quick=args.quick, aoti=not args.no_aoti, threads=args.threads,
                          max_accuracy_drop=args.max_accuracy_drop, gateway=args.gateway, token=args.token,
-                         stack=args.stack, repository=args.repository, install=args.install))
+                         stack=args.stack, repository=args.repository, install=args.install,
+                         only=tuple(f for f in args.only.split(",") if f)))
     print(f"wrote {report['out']}/report.md; recommended: "
           + ", ".join(f"{t} {r['format'] or '-'}" for t, r in report["recommended"].items()))
     return 0

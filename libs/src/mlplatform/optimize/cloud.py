@@ -56,7 +56,7 @@ def start_stack(model: str, repository: Path) -> Iterator[tuple[str, str]]:
 
 
 def compare(edge: dict[str, Any], edge_format: str, edge_labels: list[int], gateway_ms: np.ndarray,
-            gateway_labels: list[int], url: str) -> dict[str, Any]:
+            gateway_labels: list[int], url: str, batching_delay_ms: float | None = None) -> dict[str, Any]:
     """The report's cloud section: edge p50/p99 beside the gateway's, and what the round trip adds."""
     g50, g99 = float(np.percentile(gateway_ms, 50)), float(np.percentile(gateway_ms, 99))
     n = min(len(edge_labels), len(gateway_labels))
@@ -64,4 +64,5 @@ def compare(edge: dict[str, Any], edge_format: str, edge_labels: list[int], gate
     return {"status": "ok", "url": url, "edge_format": edge_format, "requests": len(gateway_ms),
             "edge_p50_ms": edge["p50_ms"], "edge_p99_ms": edge["p99_ms"],
             "gateway_p50_ms": round(g50, 3), "gateway_p99_ms": round(g99, 3),
-            "added_p50_ms": round(g50 - edge["p50_ms"], 3), "agreement": round(agree, 4), "rtt_note": RTT_NOTE}
+            "added_p50_ms": round(g50 - edge["p50_ms"], 3), "agreement": round(agree, 4), "rtt_note": RTT_NOTE,
+            "batching_delay_ms": batching_delay_ms}

@@ -100,8 +100,9 @@ class Maker:
     """Makes the formats of one subject into `out` (a directory), timing each and keeping failures as rows."""
 
     def __init__(self, subject: Subject, out: Path, *, calibration_rows: int = 128, probe_rows: int = 64,
-                 finetune_steps: int = 60, seed: int = 0) -> None:
+                 finetune_steps: int = 60, seed: int = 0, only: Sequence[str] | None = None) -> None:
         self.subject = subject
+        self.only = set(only or ()) | ({"eager_fp32", "onnx"} if only else set())
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.calibration_rows = calibration_rows
@@ -121,6 +122,10 @@ class Maker:
     def add(self, name: str, description: str, family: str, make: Callable[[Artefact], None], **kw: Any) -> Artefact:
         """Run `make(artefact)` (which fills file / runner / notes); an exception becomes the row's status."""
         art = Artefact(name, description, family, **kw)
+        if self.only and name not in self.only:
+            art.status = "not selected (--only)"
+            self.artefacts[name] = art
+            return art
         start = time.perf_counter()
         try:
             make(art)

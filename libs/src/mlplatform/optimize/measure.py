@@ -1,17 +1,18 @@
 """Measure a format the same way for every format: size, held-out accuracy, agreement with the FP32 reference,
 p50 / p99 latency at batch 1 on one thread (the edge profile) and rows/s at batch 8 and 32.
 
-Latency: every held-out row of the latency set alone, one thread, after a warm-up; the same
-single-row answers, compared with the batched ones, say whether a row's answer depends on its
-batch-mates (`batch_invariant`). Throughput: the held-out rows in batches of 8 and 32 with the
-toolkit's thread count; on a shared machine a neighbour's burst slows whatever runs then, so
-each batch keeps its best time over `rounds` passes and rows/s is rows over the sum of those.
+Latency: every held-out row of the latency set alone, one thread, after a warm-up; p50 / p99 over
+the rows of each row's best time in `rounds` passes. The same single-row answers, compared with
+the batched ones, say whether a row's answer depends on its batch-mates (`batch_invariant`).
+Throughput: the held-out rows in batches of 8 and 32 with the toolkit's thread count; rows/s is
+rows over the sum of each batch's best time in `rounds` passes. On a shared machine a neighbour's
+burst slows whatever runs at that moment, so the formats take turns within each pass.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,44 +67,64 @@ class Bench:
         assert self.reference is not None
         return float(np.abs(predict(run, self.eval_batches) - self.reference).max())
 
-    def measure(self, make: Any) -> dict[str, Any]:
-        """The figures of one format (`make(threads)` -> runner)."""
+    def measure_all(self, makers: dict[str, Any],
+                    failed: Callable[[str, Exception], None] | None = None) -> dict[str, dict[str, Any]]:
+        """The figures of every format (`makers`: name -> `make(threads)` -> runner), timed in turns.
+
+        Accuracy and agreement first, format by format. Then the timings interleave: round after
+        round, every format runs the latency set (one thread, one row per call) and the throughput
+        batches, and each call keeps its best time over the rounds, so a neighbour's burst on a
+        shared machine does not land on one format only. `failed(name, exc)` hears of a format that
+        cannot run; it is left out of the result.
+        """
         plan = self.plan
-        run = make(plan.threads)
-        probs = predict(run, self.eval_batches)
-        if self.reference is None:
-            self.reference = probs
-        ref = self.reference
-        out: dict[str, Any] = {
-            "accuracy": round(float((probs.argmax(1) == self.labels).mean()), 6),
-            "agreement": round(float((probs.argmax(1) == ref.argmax(1)).mean()), 6),
-            "max_abs_diff": float(np.abs(probs - ref).max()),
-            "eval_rows": len(self.labels),
-        }
-        one = make(1)
-        for f in self.singles[:5]:
-            one(f)
-        times, alone = [], []
-        for f in self.singles:
-            start = time.perf_counter()
-            p = one(f)
-            times.append(time.perf_counter() - start)
-            alone.append(np.asarray(p, dtype=np.float32))
-        ms = np.array(times) * 1000
-        alone_diff = float(np.abs(np.concatenate(alone) - probs[:len(alone)]).max())
-        out.update(p50_ms=round(float(np.percentile(ms, 50)), 3), p99_ms=round(float(np.percentile(ms, 99)), 3),
-                   latency_calls=len(ms), max_abs_diff_alone_vs_batched=alone_diff,
-                   batch_invariant=alone_diff <= BATCH_INVARIANCE_TOLERANCE)
-        rates = {}
-        for b, batches in self.batched.items():
-            run(batches[0])
-            best = np.full(len(batches), np.inf)
-            for _ in range(plan.rounds):
-                for i, f in enumerate(batches):
+        out: dict[str, dict[str, Any]] = {}
+        runs: dict[str, tuple[Runner, Runner]] = {}
+        batched: dict[str, np.ndarray] = {}
+        for name, make in makers.items():
+            try:
+                run, one = make(plan.threads), make(1)
+                probs = predict(run, self.eval_batches)
+                for f in self.singles[:3]:
+                    one(f)
+                for batches in self.batched.values():
+                    run(batches[0])
+            except Exception as exc:
+                if failed is None:
+                    raise
+                failed(name, exc)
+                continue
+            if self.reference is None:
+                self.reference = probs
+            ref = self.reference
+            out[name] = {"accuracy": round(float((probs.argmax(1) == self.labels).mean()), 6),
+                         "agreement": round(float((probs.argmax(1) == ref.argmax(1)).mean()), 6),
+                         "max_abs_diff": float(np.abs(probs - ref).max()), "eval_rows": len(self.labels)}
+            runs[name] = (run, one)
+            batched[name] = probs
+        single = {n: np.full(len(self.singles), np.inf) for n in runs}
+        alone: dict[str, list[np.ndarray]] = {n: [] for n in runs}
+        best = {(n, b): np.full(len(batches), np.inf) for n in runs for b, batches in self.batched.items()}
+        for r in range(plan.rounds):
+            for name, (run, one) in runs.items():
+                for i, f in enumerate(self.singles):
                     start = time.perf_counter()
-                    run(f)
-                    best[i] = min(best[i], time.perf_counter() - start)
-            rows = sum(len(next(iter(f.values()))) for f in batches)
-            rates[str(b)] = round(rows / float(best.sum()), 1)
-        out["rows_per_s"] = rates
+                    p = one(f)
+                    single[name][i] = min(single[name][i], time.perf_counter() - start)
+                    if r == 0:
+                        alone[name].append(np.asarray(p, dtype=np.float32))
+                for b, batches in self.batched.items():
+                    for i, f in enumerate(batches):
+                        start = time.perf_counter()
+                        run(f)
+                        best[name, b][i] = min(best[name, b][i], time.perf_counter() - start)
+        for name in runs:
+            ms = single[name] * 1000
+            alone_diff = float(np.abs(np.concatenate(alone[name]) - batched[name][:len(alone[name])]).max())
+            out[name].update(
+                p50_ms=round(float(np.percentile(ms, 50)), 3), p99_ms=round(float(np.percentile(ms, 99)), 3),
+                latency_calls=len(ms), max_abs_diff_alone_vs_batched=alone_diff,
+                batch_invariant=alone_diff <= BATCH_INVARIANCE_TOLERANCE,
+                rows_per_s={str(b): round(sum(len(next(iter(f.values()))) for f in batches)
+                                          / float(best[name, b].sum()), 1) for b, batches in self.batched.items()})
         return out

@@ -81,7 +81,7 @@ def markdown(report: Mapping[str, Any]) -> str:
              f"{' (quick mode)' if report['quick'] else ''}. Held-out rows: {report['plan']['eval_rows']}; "
              f"latency: {report['plan']['latency_rows']} single-row calls on 1 thread; throughput: "
              f"{report['plan']['throughput_rows']} rows in batches of 8 and 32 on {report['plan']['threads']} "
-             f"thread(s), best of {report['plan']['rounds']}.", "",
+             f"thread(s); each call's best of {report['plan']['rounds']} rounds, the formats taking turns.", "",
              "| format | what | size MB | held-out acc | Δ vs ONNX FP32 (pts) | agreement | max abs Δp | "
              "p50 ms (b1, 1 thr) | p99 ms | rows/s b8 | rows/s b32 | batch-invariant |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -136,7 +136,10 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"p99 {cloud['edge_p99_ms']:.2f} ms. The same {cloud['requests']} predictions through the gateway "
             f"({cloud['url']}, REST, one at a time, same run): p50 {cloud['gateway_p50_ms']:.2f} ms, "
             f"p99 {cloud['gateway_p99_ms']:.2f} ms. The gateway path adds {cloud['added_p50_ms']:.2f} ms at p50 on "
-            f"loopback (Envoy, JWT, transcoding, the service's batcher and runtime); a real network adds its round "
+            f"loopback (Envoy, JWT, transcoding, the service's batcher and runtime"
+            + (f"; the batcher waits up to {cloud['batching_delay_ms']:g} ms for batch-mates, which a lone client "
+               "never has" if cloud.get("batching_delay_ms") else "")
+            + f"); a real network adds its round "
             f"trip on top: {cloud['rtt_note']}. Answers agree on {cloud['agreement']:.1%} of the rows.")
     else:
         lines.append(f"Not measured in this run: {(cloud or {}).get('status', 'no gateway (quick mode)')}.")

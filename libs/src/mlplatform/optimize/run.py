@@ -35,6 +35,8 @@ class Options:
     repository: str = "model_repository"
     install: str | None = None
     gateway_requests: int = 100
+    only: tuple[str, ...] = ()
+    """Make only these formats (and the FP32 references eager_fp32 and onnx); empty: all."""
 
 
 def log(msg: str) -> None:
@@ -77,7 +79,7 @@ def run(opts: Options) -> dict[str, Any]:
     bench.reference = predict(torch_runner(subject, subject.net)(opts.threads), bench.eval_batches)
     steps = int(extra.get("quick_finetune_steps", 8)) if opts.quick else int(extra.get("finetune_steps", 100))
     maker = Maker(subject, out, calibration_rows=32 if opts.quick else 128, probe_rows=16 if opts.quick else 64,
-                  finetune_steps=steps)
+                  finetune_steps=steps, only=opts.only)
     tolerance = float(extra.get("parity_tolerance", 1e-4))
     log(f"{subject.name}: native formats")
     maker.native()
@@ -90,24 +92,27 @@ def run(opts: Options) -> dict[str, Any]:
     maker.tensorrt()
     log(f"{subject.name}: edge formats")
     maker.edge()
-    rows: dict[str, dict[str, Any]] = {}
-    for name, art in maker.artefacts.items():
-        row: dict[str, Any] = {"description": art.description, "family": art.family, "file": art.file,
-                               "size_bytes": maker.size(art), "status": art.status, "backend": art.backend,
-                               "target": art.target, "make_seconds": art.seconds, "notes": art.notes}
-        if art.ok and art.runner is not None:
-            log(f"{subject.name}: measuring {name}")
-            try:
-                row.update(bench.measure(art.runner))
-            except Exception as exc:  # keep the row, say why it has no figures
-                row["status"] = f"failed to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        rows[name] = row
+    rows: dict[str, dict[str, Any]] = {
+        name: {"description": art.description, "family": art.family, "file": art.file, "size_bytes": maker.size(art),
+               "status": art.status, "backend": art.backend, "target": art.target, "make_seconds": art.seconds,
+               "notes": art.notes} for name, art in maker.artefacts.items()}
+
+    def failed(name: str, exc: Exception) -> None:  # keep the row, say why it has no figures
+        rows[name]["status"] = f"failed to run: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+
+    runnable = {n: a.runner for n, a in maker.artefacts.items() if a.ok and a.runner is not None}
+    log(f"{subject.name}: measuring {len(runnable)} formats ({plan.rounds} interleaved timing rounds)")
+    for name, figures in bench.measure_all(runnable, failed).items():
+        rows[name].update(figures)
     result: dict[str, Any] = {
         "model": subject.name, "description": subject.description, "started": started, "quick": opts.quick,
-        "machine": machine(), "plan": plan.__dict__, "max_accuracy_drop": opts.max_accuracy_drop,
+        "machine": machine(), "plan": {**plan.__dict__, "eval_rows": len(bench.labels)},
+        "max_accuracy_drop": opts.max_accuracy_drop,
         "reference": report.REFERENCE, "formats": rows, "out": str(out),
         "input_names": subject.input_names, "output_names": subject.output_names,
     }
+    if opts.only:
+        result["only"] = list(opts.only)
     result["recommended"] = report.recommend(rows, opts.max_accuracy_drop, gpu=result["machine"]["gpu"])
     result["cloud"] = cloud_figures(opts, subject, maker, rows, result["recommended"]["edge"]["format"])
     report.write(result, out)
@@ -127,17 +132,18 @@ def cloud_figures(opts: Options, subject: Any, maker: Maker, rows: dict[str, Any
         return {"status": "no gateway given (--gateway URL --token T, or --stack)"}
     art = maker.artefacts[edge]
     assert art.runner is not None
+    delay = (subject.extra.get("batching") or {}).get("max_queue_delay_ms")
     run_one = art.runner(1)
     n = min(opts.gateway_requests, len(subject.labels))
     edge_labels = [int(run_one(subject.heldout([i])).argmax(1)[0]) for i in range(n)]
     try:
         if opts.gateway:
             ms, labels = cloud.through_gateway(subject, opts.gateway, str(opts.token), n)
-            return cloud.compare(rows[edge], edge, edge_labels, ms, labels, opts.gateway)
+            return cloud.compare(rows[edge], edge, edge_labels, ms, labels, opts.gateway, delay)
         log(f"{subject.name}: starting the platform on loopback for the cloud comparison")
         with cloud.start_stack(subject.name, Path(opts.repository)) as (url, token):
             ms, labels = cloud.through_gateway(subject, url, token, n)
-        return cloud.compare(rows[edge], edge, edge_labels, ms, labels, url + " (started by --stack)")
+        return cloud.compare(rows[edge], edge, edge_labels, ms, labels, url + " (started by --stack)", delay)
     except Exception as exc:  # the report still has every other figure
         return {"status": f"failed: {type(exc).__name__}: {exc}"}
 

@@ -8,6 +8,7 @@ the half of each conv block's channels with the largest BatchNorm-scaled filter 
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,9 +90,8 @@ def subject(version_dir: Path | str = DEFAULT_VERSION_DIR, **_: Any) -> Subject:
         return nn.functional.cross_entropy(logits, y_train[list(idx)])
 
     def gateway_request(i: int) -> tuple[str, dict[str, Any]]:
-        pixels = images[i].astype(np.float32)
-        return "/api/v1/cnn", {"tensor": {"shape": [1, 1, *pixels.shape], "datatype": "FP32",
-                                          "fp32_contents": pixels.reshape(-1).tolist()}, "top_k": 1}
+        # The held-out image as a lossless PNG (what a device would upload): the same pixels the edge model sees.
+        return "/api/v1/cnn", {"image": base64.b64encode(build_model.png_bytes(images[i])).decode(), "top_k": 1}
 
     return Subject(
         name=build_model.MODEL_NAME, net=net, input_names=[name], output_names=list(build_model.OUTPUT_NAMES),
@@ -101,7 +101,8 @@ def subject(version_dir: Path | str = DEFAULT_VERSION_DIR, **_: Any) -> Subject:
         structured=prune_channels, int8_ops=["Conv", "MatMul", "Gemm"], learning_rate=1e-3,
         description=f"digit CNN (3 conv-BN-ReLU-pool blocks + linear), {version_dir}",
         gateway_request=gateway_request, batch_size=32,
-        extra={"version_dir": str(version_dir), "finetune_steps": 300, "quick_finetune_steps": 60,
+        extra={"version_dir": str(version_dir), "batching": config.get("batching"),
+               "finetune_steps": 300, "quick_finetune_steps": 60,
                "parity_tolerance": build_model.PARITY_TOLERANCE,
                "gateway_label": lambda payload: int(payload["classification"]["classes"][0]["label"])},
     )

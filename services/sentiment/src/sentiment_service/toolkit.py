@@ -33,8 +33,9 @@ def prune_heads(attention: nn.ModuleDict, keep: int) -> int:
     """Keep the `keep` heads of one attention block with the largest query/key/value/output weight norms."""
     sa, out = attention["self"], attention["output"]["dense"]
     d = sa.head_dim
-    norms = torch.stack([sum(float(lin.weight[h * d:(h + 1) * d].norm()) for lin in (sa.query, sa.key, sa.value))
-                         + out.weight[:, h * d:(h + 1) * d].norm() for h in range(sa.heads)])
+    with torch.no_grad():
+        norms = torch.tensor([sum(float(lin.weight[h * d:(h + 1) * d].norm()) for lin in (sa.query, sa.key, sa.value))
+                              + float(out.weight[:, h * d:(h + 1) * d].norm()) for h in range(sa.heads)])
     heads = torch.sort(torch.topk(norms, keep).indices).values
     idx = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads.tolist()])
     for name in ("query", "key", "value"):
@@ -94,11 +95,12 @@ def subject(version_dir: Path | str = DEFAULT_VERSION_DIR, **_: Any) -> Subject:
         dynamic_axes={"input_ids": axes, "attention_mask": axes, "probabilities": {0: "batch"}},
         heldout=lambda idx: feeds([test_texts[i] for i in idx]), labels=np.array([e.label for e in test]),
         train=lambda idx: feeds([train[i].text for i in idx]), train_size=len(train), loss=loss,
-        structured=prune_layers_and_heads, int8_ops=["MatMul"], learning_rate=2e-5, fuse=fuse,
+        structured=prune_layers_and_heads, int8_ops=["MatMul"], learning_rate=5e-5, fuse=fuse,
         fusion_name="ORT transformer fusion (Attention, SkipLayerNormalization, BiasGelu)",
         description=f"sentiment: MiniLM-L6 encoder + mean pooling + linear head, {version_dir}", batch_size=16,
         gateway_request=lambda i: ("/api/v1/sentiment", {"text": test_texts[i]}),
-        extra={"version_dir": str(version_dir), "finetune_steps": 60, "quick_finetune_steps": 4,
+        extra={"version_dir": str(version_dir), "batching": config.get("batching"),
+               "finetune_steps": 60, "quick_finetune_steps": 4,
                "quick_eval_rows": 64, "throughput_rows": 128, "latency_rows": 150,
                "parity_tolerance": build_model.PARITY_TOLERANCE,
                "gateway_label": lambda payload: labels_names.index(payload["prediction"]["label"])},
