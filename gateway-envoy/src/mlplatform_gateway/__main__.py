@@ -1,7 +1,8 @@
 """`python -m mlplatform_gateway`: render and validate configs, make dev keys, print tokens.
 
   render  --variant local|compose|k8s [--files-dir D] [--set key.path=value ...] [--out F] [--validate]
-  keys [--rotate | --retire-previous]  create (or keep) the dev signing key and its JWKS; rotate it with an overlap
+  keys [--rotate | --retire-previous]  create (or keep) the dev signing key and its JWKS (rotate it with an
+                                       overlap), and the dev TLS certificate with its CA
   token   --sub NAME [--tier T] [--ttl S] [--canary-tester]   print a signed RS256 token
   ready   [--admin-port P]             exit 0 when Envoy's admin /ready says LIVE (container HEALTHCHECK)
   drain   [--admin-port P] [--drain-time-s S] [--min-wait-s S]   drain Envoy before its SIGTERM (preStop hook)
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from mlplatform_gateway import auth, render, routesync
+from mlplatform_gateway import auth, render, routesync, tls
 from mlplatform_gateway.local import (
     DEFAULT_KEY_DIR,
     DRAIN_TIME_S,
@@ -91,6 +92,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     key = (auth.rotate_dev_keys(args.key_dir) if args.rotate else auth.retire_previous_keys(args.key_dir)
            if args.retire_previous else auth.ensure_dev_keys(args.key_dir))
     print(f"dev signing key: {args.key_dir / auth.PRIVATE_KEY_FILE} (kid {key.kid}); JWKS: {key.jwks_path}")
+    certs = tls.ensure_dev_tls(args.key_dir)
+    print(f"dev TLS: {certs.cert} (+ {certs.key.name}), signed by the dev CA {certs.ca}")
     return 0
 
 

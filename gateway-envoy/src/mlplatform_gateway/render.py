@@ -203,7 +203,12 @@ def _render(values: dict[str, Any], routes_only: bool = False, origin: str = "")
     if canary and not (canary.get("header") and canary.get("claim")):
         raise GatewayConfigError("canary needs `header` (the canary route's header) and `claim` (the token claim "
                                  "that alone sets it; clients' own header is dropped)")
-    context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values)}
+    tls = values.get("tls") or {"enabled": False}
+    if tls.get("enabled") and tls.get("plain_http") not in ("redirect", "off"):
+        raise GatewayConfigError(f"tls.plain_http must be redirect or off, got {tls.get('plain_http')!r}")
+    tls_dir = tls.get("dir") or f"{values['files_dir']}/tls"
+    context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values),
+               "tls": tls, "tls_dir": tls_dir}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(_package_text("envoy.yaml.j2")).render(
         **context, routes_only=routes_only, routes_origin=f" ({origin})" if origin else "")

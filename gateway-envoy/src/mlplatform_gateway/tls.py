@@ -1,0 +1,93 @@
+"""The gateway's dev TLS certificate, made the way the dev JWT key is (`python -m mlplatform_gateway keys`).
+
+`ensure_dev_tls` writes, under `<key dir>/tls/`, a dev CA (`ca.crt`; clients trust it: `curl --cacert`,
+`grpc.ssl_channel_credentials(ca)`) and a server certificate it signed (`tls.crt`, `tls.key`) for the names
+the gateway is reached by: localhost, 127.0.0.1, ::1, `gateway` (compose) and its Kubernetes Service name.
+Kubernetes takes the certificate from the `gateway-tls` Secret instead (cert-manager in prod). The key is
+readable by every local user (0644): a loopback dev certificate, readable by the compose container's non-root
+user; never use it elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+TLS_DIR = "tls"
+CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
+DNS_NAMES = ("localhost", "gateway", "gateway.mlplatform.svc", "gateway.mlplatform.svc.cluster.local")
+IP_ADDRESSES = ("127.0.0.1", "::1")
+VALID_DAYS = 825
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A directory holding ca.crt, tls.crt and tls.key."""
+
+    directory: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / CA_FILE
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / CERT_FILE
+
+    @property
+    def key(self) -> Path:
+        return self.directory / KEY_FILE
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "mlplatform dev"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def ensure_dev_tls(key_dir: Path) -> TlsFiles:
+    """The dev CA and the gateway's certificate under `key_dir/tls`, created when missing."""
+    files = TlsFiles(key_dir / TLS_DIR)
+    if files.ca.exists() and files.cert.exists() and files.key.exists():
+        return files
+    files.directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("mlplatform dev CA")
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                            content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                            key_agreement=False, encipher_only=False, decipher_only=False),
+                              critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [*(x509.DNSName(n) for n in DNS_NAMES), *(x509.IPAddress(ipaddress.ip_address(a)) for a in IP_ADDRESSES)]
+    cert = (x509.CertificateBuilder().subject_name(_name("gateway")).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    for path, data in ((files.key, _pem_key(key)), (files.cert, cert.public_bytes(serialization.Encoding.PEM)),
+                       (files.ca, ca_cert.public_bytes(serialization.Encoding.PEM))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return files
