@@ -25,7 +25,7 @@ BENCH_CONSTRAINTS := bench/mlserver-constraints.txt
         tools tools-constraints k8s-manifests k8s-check compose-config base-image wheelhouse images test-images compose-test
 
 help:
-	@echo "make run     - set up, build models if missing, start Redis + every service + the gateway, restart what dies (Ctrl-C stops); REPLICAS=2 for two processes per service; OBSERVABILITY=1 adds Prometheus with the alert rules (:9090)"
+	@echo "make run     - set up, build models if missing, start Redis + every service + the gateway, restart what dies (Ctrl-C stops); REPLICAS=2 for two processes per service; OBSERVABILITY=1 adds Prometheus with the alert rules (:9090); TLS=1 serves the gateway over TLS (dev CA in .dev/gateway/tls)"
 	@echo "make rollout [SERVICE=fraud] - replace the running make run's replicas one at a time, drained first: no failed request (new code, new models)"
 	@echo "make test    - set up and run the test suite (real servers, Redis, models on loopback)"
 	@echo "make models  - build the model repository (deterministic, skips versions already built)"

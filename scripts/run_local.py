@@ -43,6 +43,7 @@ from typing import Any
 
 from mlplatform_gateway import auth
 from mlplatform_gateway import local as gateway
+from mlplatform_gateway import tls as gateway_tls
 
 from mlplatform.launch import grpc_serving
 from mlplatform.repository import ModelRepository
@@ -119,8 +120,10 @@ class Stack:
     """The processes of one make run: Redis (when started here), each service's replicas, the gateway."""
 
     def __init__(self, repo: Path, services: list[Service], replicas: int, gateway_port: int,
-                 admin_port: int) -> None:
+                 admin_port: int, tls: bool = False) -> None:
         self.repo = repo
+        self.tls = tls
+        """The gateway serves TLS (REST over https, gRPC over TLS) with the dev certificate (TLS=1)."""
         self.groups = {svc.name: ServiceSlots(svc, [None] * (replicas + 1)) for svc in services}
         self.gateway_port, self.admin_port = gateway_port, admin_port
         self.stopping = threading.Event()
@@ -206,8 +209,10 @@ class Stack:
         files = gateway.prepare_files_dir(ROOT / ".run" / "gateway", jwks)
         path = files / "envoy.yaml"
         endpoints = {name: group.endpoints() for name, group in self.groups.items()}
+        certs = gateway_tls.ensure_dev_tls(gateway.DEFAULT_KEY_DIR) if self.tls else None
+        overrides = {"tls": {"enabled": True, "dir": str(certs.directory)}} if certs else None
         path.write_text(gateway.render_local(files, self.gateway_port, self.admin_port, endpoints,
-                                             files / "access.log"))
+                                             files / "access.log", overrides))
         self.gateway = Supervised("gateway", gateway.envoy_command(path, drain_time_s=gateway.DRAIN_TIME_S), cwd=ROOT,
                                   ready=lambda: self._envoy_live(), ready_message=f"Envoy on 127.0.0.1:"
                                   f"{self.gateway_port}", halt=self.stopping)
@@ -495,6 +500,20 @@ def selected_services(names: str | None) -> list[Service]:
     return [configured(svc) for svc in SERVICES if svc.name in wanted]
 
 
+def tls_usage(text: str, gateway_port: int) -> str:
+    """`usage` for a TLS gateway: https with the dev CA for curl, TLS for grpcurl."""
+    ca = gateway_tls.ensure_dev_tls(gateway.DEFAULT_KEY_DIR).ca
+    text = text.replace(f"curl -s http://127.0.0.1:{gateway_port}",
+                        f"curl -s --cacert {ca} https://localhost:{gateway_port}")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # grpcurl to the gateway: TLS with the dev CA (a service's port stays plaintext)
+        if line.strip().startswith("grpcurl -plaintext") and i + 1 < len(lines) \
+                and lines[i + 1].strip().startswith(f"127.0.0.1:{gateway_port} "):
+            lines[i] = line.replace("grpcurl -plaintext", f"grpcurl -cacert {ca}")
+            lines[i + 1] = lines[i + 1].replace(f"127.0.0.1:{gateway_port}", f"localhost:{gateway_port}")
+    return "\n".join(lines) + "\n" + f"  # TLS: the dev CA is {ca}; plaintext http:// to the gateway gets a redirect.\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
@@ -512,12 +531,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--observability", action="store_true", default=os.environ.get("OBSERVABILITY", "") not in
                         ("", "0", "false"), help="also start Prometheus with the platform's rules (OBSERVABILITY=1)")
     parser.add_argument("--prometheus-port", type=int, default=int(os.environ.get("PROMETHEUS_PORT", "9090")))
+    parser.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "") not in ("", "0", "false"),
+                        help="the gateway serves TLS with the dev certificate (TLS=1); plaintext is redirected")
     parser.add_argument("--no-wait", action="store_true", help="exit once everything is healthy (for smoke tests)")
     args = parser.parse_args(argv)
     if args.replicas < 1:
         parser.error("--replicas must be at least 1")
     services = selected_services(args.services)
-    stack = Stack(args.model_repository, services, args.replicas, args.gateway_port, args.gateway_admin_port)
+    stack = Stack(args.model_repository, services, args.replicas, args.gateway_port, args.gateway_admin_port,
+                  tls=args.tls)
 
     def stop(*_: object) -> None:
         stack.stopping.set()
@@ -535,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.observability:
             stack.start_prometheus(args.prometheus_port)
         stack.up.set()
-        print(usage(args.model_repository, {svc.name: svc for svc in services}, args.gateway_port,
-                    args.gateway_admin_port), flush=True)
+        text = usage(args.model_repository, {svc.name: svc for svc in services}, args.gateway_port,
+                     args.gateway_admin_port)
+        print(tls_usage(text, args.gateway_port) if args.tls else text, flush=True)
         while not stack.stopping.is_set() and not args.no_wait:
             time.sleep(0.2)
         return 0

@@ -136,3 +136,32 @@ def test_run_local_puts_replicas_behind_the_gateway(model_repository, tmp_path):
     assert "generic[1]: SERVING on" in out
     assert "8/8 upstream hosts healthy (+4 free slots for rollouts)" in out, out  # 4 services x 2 replicas
     assert "stopped." in out
+
+
+def test_tls_run_prints_https_calls_that_work(model_repository, tmp_path):
+    """`TLS=1 make run`: the gateway serves TLS with the dev certificate; the printed curl (https, --cacert the dev
+    CA) answers, and plaintext gets a redirect."""
+    gateway_port = free_port()
+    env = {**os.environ, "FRAUD_GRPC_PORT": str(free_port()), "FRAUD_METRICS_PORT": str(free_port()),
+           "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(free_port()), "PYTHONUNBUFFERED": "1",
+           "TLS": "1", "RUN_CONTROL_SOCKET": str(tmp_path / "run.sock")}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
+         "--redis-port", str(free_port()), "--services", "fraud"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text = read_until_ready(proc, 180)
+        assert "The platform is up" in text, text
+        call = re.search(r"  (curl -s --cacert \S+ https://localhost:\d+/api/v1/fraud .*?\}')\n", text, re.S)
+        assert call, text
+        done = subprocess.run(["bash", "-c", f"{curl_token(text)}\n{call.group(1)}"], capture_output=True, text=True,
+                              timeout=30)
+        assert json.loads(done.stdout)["prediction"]["model_name"] == "fraud", done.stdout + done.stderr
+        plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                f"http://127.0.0.1:{gateway_port}/api/v1/fraud"], capture_output=True, text=True,
+                               timeout=10)
+        assert plain.stdout == "308"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert "stopped." in out
