@@ -20,7 +20,8 @@ def test_make_run_scores_by_card_through_the_gateway(model_repository, tmp_path)
     redis_port, gateway_port = free_port(), free_port()
     env = {**os.environ, "FRAUD_GRPC_PORT": str(free_port()), "FRAUD_METRICS_PORT": str(free_port()),
            "GATEWAY_PORT": str(gateway_port), "GATEWAY_ADMIN_PORT": str(free_port()), "PYTHONUNBUFFERED": "1",
-           "RUN_CONTROL_SOCKET": str(tmp_path / "run.sock")}
+           "RUN_CONTROL_SOCKET": str(tmp_path / "run.sock"),
+           "FRAUD_FEATURE_TIMEOUT_MS": "1000"}  # a busy machine must not turn the call into defaults
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
          "--redis-port", str(redis_port), "--services", "fraud"],

@@ -41,8 +41,11 @@ def store() -> Iterator[RedisServer]:
 
 
 def start_service(model_repository: Path, store: RedisServer, **env: str) -> ServiceProcess:
+    """The fraud service on `store`; feature reads bounded at 1 s unless `env` says otherwise (a busy machine can
+    stall a read past the 20 ms default, and these tests need the reads before the failure to succeed)."""
     return ServiceProcess("fraud_service", "FRAUD_", env={
-        "FRAUD_MODEL_REPOSITORY": str(model_repository), "REDIS_URL": store.url, **env}).start()
+        "FRAUD_MODEL_REPOSITORY": str(model_repository), "REDIS_URL": store.url,
+        "FRAUD_FEATURE_TIMEOUT_MS": "1000", **env}).start()
 
 
 def test_killing_redis_under_load_gives_flagged_defaults_never_an_error(model_repository, store):
@@ -109,6 +112,7 @@ def test_full_write_buffer_drops_and_counts_without_holding_latency(model_reposi
         assert all(r.feature_source == "store" for r in replies)
         # a call that waited for its writes would take the write timeout (1 s) or the pause (3 s)
         assert max(took) < 0.9, f"slowest call {max(took):.2f}s while writes were paused for 3 s"
+        time.sleep(1.5)  # the write in flight since the first paused call passes its 1 s timeout
         client.execute_command("CLIENT", "UNPAUSE")
 
         def count(name: str) -> float:
@@ -129,7 +133,7 @@ def test_full_write_buffer_drops_and_counts_without_holding_latency(model_reposi
 
 
 def test_slow_store_is_cut_at_the_timeout_and_flagged(model_repository, store):
-    svc = start_service(model_repository, store, FRAUD_FEATURE_TIMEOUT_MS="50", FRAUD_CACHE_ENABLED="false")
+    svc = start_service(model_repository, store, FRAUD_FEATURE_TIMEOUT_MS="200", FRAUD_CACHE_ENABLED="false")
     client = redis.Redis.from_url(store.url)
     try:
         with grpc.insecure_channel(svc.target) as channel:
@@ -144,7 +148,7 @@ def test_slow_store_is_cut_at_the_timeout_and_flagged(model_repository, store):
                                .prediction.feature_source)
                 took.append(time.monotonic() - started)
         assert sources == ["store_unavailable"] * 6
-        # cut at 50 ms (or refused by the open breaker); waiting for the paused store would take 3 s
+        # cut at 200 ms (or refused by the open breaker); waiting for the paused store would take 3 s
         assert max(took) < 1.5, f"slowest call {max(took):.2f}s with the store paused for 3 s"
     finally:
         client.execute_command("CLIENT", "UNPAUSE")

@@ -84,6 +84,7 @@ def traced_service(model_repository: Path, collector: OtlpCollector, redis_serve
         "FRAUD_MODEL_REPOSITORY": str(model_repository),
         "REDIS_URL": redis_server.url,
         "FRAUD_AUDIT_STREAM": "fraud:audit:tracing-test",
+        "FRAUD_FEATURE_TIMEOUT_MS": "1000",  # a busy machine must not turn the card call into defaults
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     })

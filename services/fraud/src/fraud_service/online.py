@@ -274,6 +274,11 @@ async def lifespan(settings: Any) -> AsyncIterator[None]:
                              audit_stream=settings.audit_stream, audit_max_len=settings.audit_max_len,
                              buffer_items=settings.write_buffer_items)
     _online.writes.start()
+    try:  # open the first connection now, not inside the first request's 20 ms
+        await asyncio.wait_for(_online.store.client.ping(), 2.0)
+    except Exception as exc:
+        log.warning("fraud: feature store at %s not answering yet (%s); requests use defaults until it does", url,
+                    type(exc).__name__)
     log.info("fraud: online features from %s (view %s, timeout %.0f ms), audit stream %s", url, VIEW,
              settings.feature_timeout_ms, settings.audit_stream)
     try:
