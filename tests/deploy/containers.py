@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -95,10 +96,13 @@ def sample(model: str, repository: Path) -> Any:
     return data["rows"][0]["features"]
 
 
-def grpc_predict(target: str, model: str, repository: Path, metadata: list[tuple[str, str]] | None = None) -> str:
-    """One typed Predict (OIP ModelInfer for config-only models) on `target`; the model name that answered."""
+def grpc_predict(target: str, model: str, repository: Path, metadata: list[tuple[str, str]] | None = None,
+                 ca: bytes | None = None) -> str:
+    """One typed Predict (OIP ModelInfer for config-only models) on `target` (over TLS trusting `ca` when given);
+    the model name that answered."""
     value = sample(model, repository)
-    with grpc.insecure_channel(target) as channel:
+    channel_of = (lambda t: grpc.secure_channel(t, grpc.ssl_channel_credentials(ca))) if ca else grpc.insecure_channel
+    with channel_of(target) as channel:
         if model == "fraud":
             from fraud.v1 import fraud_pb2, fraud_pb2_grpc
 
@@ -142,8 +146,8 @@ def oip_infer(target: str, model: str, features: list[float], metadata: list[tup
         client.close()
 
 
-def rest_predict(base_url: str, model: str, repository: Path, token: str) -> str:
-    """POST /api/v1/<model> through the gateway; the model name that answered."""
+def rest_predict(base_url: str, model: str, repository: Path, token: str, context: ssl.SSLContext | None = None) -> str:
+    """POST /api/v1/<model> through the gateway (https: `context` trusts its CA); the model name that answered."""
     import urllib.request
 
     value = sample(model, repository)
@@ -158,7 +162,7 @@ def rest_predict(base_url: str, model: str, repository: Path, token: str) -> str
                             "contents": {"fp32_contents": value}}]}
     req = urllib.request.Request(f"{base_url}/api/v1/{model}", data=json.dumps(body).encode(), method="POST",
                                  headers={"content-type": "application/json", "authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    with urllib.request.urlopen(req, timeout=30, context=context) as resp:
         assert resp.status == 200
         answer = json.loads(resp.read())
     inner = next(iter(answer.values())) if model in ("fraud", "cnn", "sentiment") else answer

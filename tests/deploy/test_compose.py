@@ -67,6 +67,9 @@ def test_gateway_runs_the_local_envoy_command_after_every_service_is_healthy(com
     assert gw["command"] == gateway_local.envoy_command(Path(mounted), concurrency=2, drain_time_s=5)[1:]
     assert gw["stop_grace_period"] == "30s"
     assert f"./build/gateway/envoy-compose.yaml:{mounted}:ro" in gw["volumes"]
+    # TLS by default: the dev certificate where the compose variant reads it.
+    tls_dir = render.load_values("compose")["tls"]
+    assert tls_dir["enabled"] is True and f"./.dev/gateway/tls:{tls_dir['dir']}:ro" in gw["volumes"]
     assert gw["depends_on"] == {name: {"condition": "service_healthy"} for name in services}
     assert "127.0.0.1:8080:8080" in gw["ports"]  # GATEWAY_PORT's default in make run
     assert '"GATEWAY_PORT", "8080"' in RUN_LOCAL

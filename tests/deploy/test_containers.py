@@ -9,6 +9,7 @@ file remaps the compose ports), names carry this process's id, and everything is
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import sys
@@ -59,10 +60,11 @@ def test_service_image_runs_non_root_healthy_and_predicts(name, refs, services, 
 @pytest.mark.timeout(120)
 def test_gateway_image_runs_non_root_and_answers_ready(refs, tmp_path):
     """Envoy from the image on a rendered config (no upstream needed for /ready), non-root, healthy."""
-    from mlplatform_gateway import auth, render
+    from mlplatform_gateway import auth, render, tls
 
     c.require_image(refs["gateway"])
     auth.ensure_dev_keys(tmp_path / "keys")
+    certs = tls.ensure_dev_tls(tmp_path / "keys")
     (tmp_path / "envoy.yaml").write_text(render.render("compose", {"files_dir": "/etc/envoy"}))
     container, port = f"mlplatform-test-{os.getpid()}-gateway", free_port()
     try:
@@ -70,9 +72,21 @@ def test_gateway_image_runs_non_root_and_answers_ready(refs, tmp_path):
                  "--security-opt", "no-new-privileges", "--init",
                  "--volume", f"{tmp_path / 'envoy.yaml'}:/etc/envoy/config/envoy.yaml:ro",
                  "--volume", f"{tmp_path / 'keys' / 'jwks.json'}:/etc/envoy/jwks.json:ro",
+                 "--volume", f"{certs.directory}:/etc/envoy/tls:ro",
                  "--publish", f"127.0.0.1:{port}:8080", refs["gateway"])
         c.wait_healthy(container, timeout=60)
         assert c.podman("exec", container, "id", "-u").stdout.strip() == "10001"
+        # TLS by default (the compose variant): /healthz over https with the dev CA; plaintext is redirected.
+        import ssl
+        import urllib.request
+
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=10, context=context) as resp:
+            assert resp.status == 200
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        plain.request("GET", "/healthz")
+        assert plain.getresponse().status == 308
+        plain.close()
         # The prod pod's route-sync sidecar runs from this image (read-only root, non-root): with the API out of
         # reach it still writes the all-stable routes Envoy needs to start.
         routes = "/tmp/gateway-routes/routes.yaml"
@@ -168,33 +182,38 @@ def stack(refs, services, tmp_path_factory) -> Iterator[tuple[Compose, dict[str,
 @pytest.mark.timeout(900)
 def test_compose_stack_answers_every_model_through_the_gateway(stack, services, model_repository):
     """REST and gRPC from the host through the gateway, each model (diabetes: the generic service's OIP)."""
-    from mlplatform_gateway import auth
+    import ssl
+
+    from mlplatform_gateway import auth, tls
 
     compose, ports, names = stack
     token = auth.mint_token(auth.ensure_dev_keys(ROOT / ".dev" / "gateway"), "compose-test")
     wait_for_port(ports["gateway"], timeout=30)
-    target, base_url = f"127.0.0.1:{ports['gateway']}", f"http://127.0.0.1:{ports['gateway']}"
+    # TLS by default: the dev certificate (make compose-config) for 127.0.0.1, REST over https, gRPC over TLS.
+    ca = tls.ensure_dev_tls(ROOT / ".dev" / "gateway").ca
+    context = ssl.create_default_context(cafile=str(ca))
+    target, base_url = f"127.0.0.1:{ports['gateway']}", f"https://127.0.0.1:{ports['gateway']}"
     metadata = [("authorization", f"Bearer {token}")]
     models = [m for n in names for m in services[n].get("models", [n])]
     deadline = time.monotonic() + 60
     while True:  # the gateway's health checks see each upstream SERVING within a few seconds
         try:
-            assert c.rest_predict(base_url, models[0], model_repository, token) == models[0]
+            assert c.rest_predict(base_url, models[0], model_repository, token, context) == models[0]
             break
         except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
     for model in models:
-        assert c.rest_predict(base_url, model, model_repository, token) == model, model
-        assert c.grpc_predict(target, model, model_repository, metadata) == model, model
+        assert c.rest_predict(base_url, model, model_repository, token, context) == model, model
+        assert c.grpc_predict(target, model, model_repository, metadata, ca=ca.read_bytes()) == model, model
     # Without a token the gateway refuses (the JWT filter runs in the container too).
     import urllib.error
     import urllib.request
 
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(urllib.request.Request(f"{base_url}/api/v1/fraud", data=b"{}", method="POST"),
-                               timeout=10)
+                               timeout=10, context=context)
     assert err.value.code == 401
     # Every container healthy, running as its image's user (the services: 10001).
     ps = compose("ps", "--format", "{{.Names}} {{.Status}}", timeout=60)

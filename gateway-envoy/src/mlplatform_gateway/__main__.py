@@ -68,12 +68,17 @@ def cmd_render(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             check = render.load_values(args.variant, overrides)
             files = Path(check["files_dir"])
+            check_overrides = dict(overrides)
             if not files.exists():
                 # Containers read /etc/envoy; check the same config against local copies.
                 files = prepare_files_dir(Path(tmp) / "files", dev_jwks(args.key_dir))
-                text_for_check = render.render(args.variant, {**overrides, "files_dir": str(files)})
-            else:
-                text_for_check = text
+                check_overrides["files_dir"] = str(files)
+            tls_cfg = check.get("tls") or {}
+            if tls_cfg.get("enabled") and not (Path(tls_cfg.get("dir") or files / "tls") / tls.CERT_FILE).exists():
+                # The certificate comes from a mount (compose) or a Secret (Kubernetes): check with a dev one.
+                certs = tls.ensure_dev_tls(Path(tmp))
+                check_overrides["tls"] = {**tls_cfg, "dir": str(certs.directory)}
+            text_for_check = render.render(args.variant, check_overrides) if check_overrides != overrides else text
             path = Path(tmp) / "envoy.yaml"
             path.write_text(text_for_check)
             render.validate(path)
