@@ -39,6 +39,10 @@ _CONTENTS_FIELD = {
 }
 
 
+_MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
+"""The largest array numpy can describe, in bytes: a declared shape beyond it is refused (even one with a 0)."""
+
+
 def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
     """Turn one OIP input tensor (typed contents or raw bytes) into a numpy array."""
     name, datatype = tensor.name, tensor.datatype
@@ -49,8 +53,13 @@ def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
         raise InvalidInputError(f"input {name!r}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
     dtype = OIP_TO_NUMPY[datatype]
+    if math.prod(d for d in shape if d) * dtype.itemsize > _MAX_ARRAY_BYTES:  # numpy could not even reshape to it
+        raise InvalidInputError(f"input {name!r}: shape {list(shape)} is too large")
     if raw is not None:
         if datatype == "BYTES":
+            if count > len(raw) // 4:  # refuse before allocating room for a huge declared shape
+                raise InvalidInputError(f"input {name!r}: shape {list(shape)} declares {count} BYTES elements, "
+                                        f"{len(raw)} raw bytes hold at most {len(raw) // 4} (4-byte length each)")
             return _decode_raw_bytes(name, raw, count).reshape(shape)
         if len(raw) != count * dtype.itemsize:
             raise InvalidInputError(f"input {name!r}: {len(raw)} raw bytes, expected {count * dtype.itemsize} "
