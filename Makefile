@@ -41,6 +41,8 @@ help:
 	@echo "make compose-config - gateway config + dev JWKS for docker-compose.yml"
 	@echo "make images  - build every CPU image (+ a Redis stand-in) with podman, offline: local Debian base, host wheelhouse"
 	@echo "make compose-test - make images, then each image run alone and the whole compose stack up under podman-compose"
+	@echo "make chaos   - fault scenarios under load (replica kill/hang/restart, Redis kill/slow, model errors/slow, Envoy hot restart, slow clients, large requests, 1000 bidi streams) -> build/chaos/<ts>/report.md (RELIABILITY.md)"
+	@echo "make soak DURATION=30m - half capacity for DURATION: RSS, fds, connections of every process, p99 per model over time -> build/chaos/soak-<ts>/"
 	@echo "make lint    - ruff"
 
 # Virtualenv + pinned dependencies + protobuf stubs (generated at setup, never committed).
@@ -249,3 +251,20 @@ clean:
 optimize: setup models
 	@test -n "$(MODEL)" || { echo "usage: make optimize MODEL=cnn|sentiment [QUICK=1]"; exit 2; }
 	$(BIN)/python -m mlplatform.optimize --model $(MODEL) $(if $(QUICK),--quick,--stack)
+
+# --- Reliability (RELIABILITY.md): chaos scenarios and the soak, on loopback, bounded, stopping by themselves ----------
+# make chaos: the platform (two supervised replicas per service, Redis behind a delaying proxy, hot-restartable Envoy)
+# under steady mixed traffic, one fault at a time (python -m chaos run; ~15 min); CHAOS_ARGS='--scenarios a,b' or
+# '--quick'. make soak DURATION=30m: half the measured capacity for DURATION, RSS / fds / connections of every process
+# and p99 per model over time. Reports under build/chaos/<timestamp>/ (or CHAOS_OUT=dir).
+PY_SOURCES += chaos
+CHAOS_ARGS ?=
+DURATION ?= 30m
+CHAOS_STAMP := $(shell date -u +%Y%m%dT%H%M%SZ)
+.PHONY: chaos soak
+chaos: setup models system-deps
+	timeout 45m $(BIN)/python -m chaos run --out $(or $(CHAOS_OUT),build/chaos/$(CHAOS_STAMP)) $(CHAOS_ARGS)
+
+soak: setup models system-deps
+	timeout $$(( $$($(BIN)/python -c "from chaos.soak import parse_duration as p; print(int(p('$(DURATION)')))") + 900 )) \
+	  $(BIN)/python -m chaos soak --duration $(DURATION) --out $(or $(CHAOS_OUT),build/chaos/soak-$(CHAOS_STAMP)) $(CHAOS_ARGS)

@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     log(f"starting the platform under {out}")
     platform = Platform(out / "run", args.model_repository, tuple(args.services), args.replicas).start()
     try:
-        verifier = Verifier("127.0.0.1", platform.gateway_port, args.model_repository)
+        verifier = Verifier("127.0.0.1", platform.gateway_port, args.model_repository, models=tuple(args.services))
         verifier.learn()
-        ctx = Context(platform, args.rate, verifier, out, 0.5 if args.quick else 1.0)
+        mix = {k: v for k, v in MIX.items() if k.split("/")[0] in args.services}
+        ctx = Context(platform, args.rate, verifier, out, 0.5 if args.quick else 1.0, mix)
         for name in names:
             results.append(SCENARIOS[name](ctx))
             report.write(out, results, conditions)

@@ -9,8 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REFUSAL_STATUSES = frozenset({"resource_exhausted", "unavailable", "http_429", "http_503"})
-"""Clear refusals: the platform says "not now" quickly (admission control, breaker open, no healthy upstream)."""
+REFUSAL_STATUSES = frozenset({"resource_exhausted", "unavailable", "http_429", "http_503",
+                              "item_resource_exhausted", "item_unavailable"})
+"""Clear refusals: the platform says "not now" quickly (admission control, breaker open, no healthy upstream);
+`item_*`: the same code on one message of a stream or item of a batch."""
 RATE_LIMITED = "rate_limited"
 """The gateway's per-key limit: the chaos client's own keys were too few (a bookkeeping error, not a failure)."""
 
@@ -68,6 +70,8 @@ class ScenarioResult:
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    """Per second of the traffic: offered, ok, refused, timed out, failed, p50 / p99 (report.json only)."""
 
     @property
     def failures(self) -> dict[str, int]:

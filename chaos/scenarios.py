@@ -43,12 +43,15 @@ class Context:
     verifier: Verifier
     out: Path
     scale: float = 1.0
+    mix: dict[str, float] | None = None
+    """The steady traffic's mix (default chaos.traffic.MIX)."""
 
     @property
     def gateway(self) -> str:
         return f"127.0.0.1:{self.platform.gateway_port}"
 
     def s(self, seconds: float) -> float:
+        """A phase's length at this run's scale (never under 3 s)."""
         return max(3.0, seconds * self.scale)
 
 
@@ -58,30 +61,39 @@ def _summarise(result: ScenarioResult, res: loadgen.Result, window: Window, bin_
     result.requests = s["requests"]
     result.outcomes = {"ok": s["ok"], **s["errors"]}
     result.max_ms = s["max_ms"]
+    p99s = []
     for target in res.targets:
         t = res.summary(target)
         result.by_target[target] = {"ok": t["ok"], **t["errors"]}
+        phases = [res.summary(target, window=w)["p99_ms"] for w in (
+            (0.0, max(window.start_s, 0.001)), (window.start_s, max(window.end_s, window.start_s + bin_s)),
+            (window.end_s, res.duration_s))]
+        p99s.append(f"{target} " + " / ".join("-" if v is None else f"{v:.0f}" for v in phases))
+    result.extra["p99 ms per target (before / during / after)"] = "; ".join(p99s)
     before = res.summary(window=(0.0, max(window.start_s, 0.001)))
     during = res.summary(window=(window.start_s, max(window.end_s, window.start_s + bin_s)))
     after = res.summary(window=(window.end_s, res.duration_s))
     result.p99_ms_before, result.p99_ms_during, result.p99_ms_after = (
         before["p99_ms"], during["p99_ms"], after["p99_ms"])
     result.fault_window = window
-    result.recovery_s = recovery_time(res.timeline(bin_s), window.end_s, bin_s, before["p99_ms"])
+    timeline = res.timeline(bin_s)
+    result.recovery_s = recovery_time(timeline, window.end_s, bin_s, before["p99_ms"])
+    result.timeline = [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in b.items()} for b in timeline]
     if res.errors:
         result.notes += [f"load generator: {e}" for e in res.errors]
 
 
 def drill(ctx: Context, result: ScenarioResult, *, pre_s: float, hold_s: float, post_s: float,
           inject: Callable[[], Any], clear: Callable[[], Any] | None = None,
-          during: Callable[[], Any] | None = None) -> ScenarioResult:
+          during: Callable[[], Any] | None = None, mix: dict[str, float] | None = None,
+          rate: float | None = None) -> ScenarioResult:
     """Traffic for pre_s + hold_s + post_s: `inject()` at pre_s, `during()` (if any) right after it, `clear()` at
     pre_s + hold_s (or once `during` returns, if later). The fault's window is from inject to the end of clear, or
     to the end of inject for an instant fault (no hold, no clear: a signal, a hot restart)."""
     pre_s, hold_s, post_s = ctx.s(pre_s), ctx.s(hold_s) if hold_s else 0.0, ctx.s(post_s)
     log(f"{result.name}: {result.fault}")
     try:
-        traffic = Traffic(ctx.gateway, ctx.rate, pre_s + hold_s + post_s, result.name).start()
+        traffic = Traffic(ctx.gateway, rate or ctx.rate, pre_s + hold_s + post_s, result.name, mix or ctx.mix).start()
         traffic.wait_started()
         ctx.verifier.start()
         try:
@@ -315,6 +327,24 @@ def model_slow(ctx: Context) -> ScenarioResult:
     return drill(ctx, r, pre_s=10, hold_s=hold, post_s=20, inject=inject, clear=clear)
 
 
+def model_slow_overload(ctx: Context) -> ScenarioResult:
+    hold, rate = 20.0, 40.0
+    r = ScenarioResult("model_slow_overload", f"sentiment's runtime 10x slower for {hold:g} s while sentiment alone "
+                       f"gets {rate:g} req/s (REST): within its capacity when healthy, far beyond it when slowed",
+                       "when a slowed model's capacity is exceeded, admission control refuses the excess quickly "
+                       "(429) and what it admits is answered within budget: no timeouts, no 5xx",
+                       "refusals_only", recovery_target_s=10)
+
+    def inject() -> None:
+        _set_fault(ctx, "sentiment", faults.Fault(delay_factor=10.0, until=time.time() + ctx.s(hold)))
+
+    def clear() -> None:
+        faults.clear(ctx.platform.faults_file)
+
+    return drill(ctx, r, pre_s=10, hold_s=hold, post_s=20, inject=inject, clear=clear,
+                 mix={"sentiment/rest": 1.0}, rate=rate)
+
+
 # ---------------------------------------------------------------- the gateway
 
 def gateway_hot_restart(ctx: Context) -> ScenarioResult:
@@ -370,9 +400,10 @@ async def _slowloris(host: str, port: int, n: int, first: bytes, drip: bytes, ho
             "closed_after_s_median": round(float(np.median(closed)), 1) if closed else None}
 
 
-async def _unread_streams(target: str, n: int, token: str | None, hold_s: float, features: list[float]
-                          ) -> dict[str, Any]:
-    """`n` fraud StreamPredict bidi streams that write requests as fast as flow control allows and never read."""
+async def _unread_streams(target: str, n: int, token: str | None, hold_s: float, features: list[float],
+                          per_second: float = 2.0) -> dict[str, Any]:
+    """`n` fraud StreamPredict bidi streams that each write `per_second` requests a second and never read an
+    answer."""
     import grpc
     from fraud.v1 import fraud_pb2 as pb
     from fraud.v1 import fraud_pb2_grpc as rpc
@@ -391,6 +422,7 @@ async def _unread_streams(target: str, n: int, token: str | None, hold_s: float,
                 while time.monotonic() - t0 < hold_s:
                     await asyncio.wait_for(call.write(req), 1.0)
                     written += 1
+                    await asyncio.sleep(1 / per_second)
             except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 pass
             try:
@@ -406,9 +438,10 @@ def slow_clients(ctx: Context) -> ScenarioResult:
     hold = 20.0
     r = ScenarioResult("slow_clients", f"for {hold:g} s: 200 slowloris connections to Envoy (request headers, one "
                        "line a second) and 50 to a fraud replica's gRPC port (the HTTP/2 preface, a byte a second), "
-                       "plus 20 bidi streams through the gateway and 20 straight to a replica that write and "
-                       "never read", "slow or stuck clients cost the platform file descriptors, not service: "
-                       "everyone else is answered", "no_failure", recovery_target_s=5)
+                       "plus 20 bidi streams through the gateway and 20 straight to a replica that write 2 "
+                       "messages a second and never read",
+                       "slow or stuck clients cost the platform file descriptors, not service: everyone else is "
+                       "answered", "no_failure", recovery_target_s=5)
     found: dict[str, Any] = {}
     fraud_port = ctx.platform.stack.groups["fraud"].port(0)
     features = json.loads((ctx.platform.repository / "fraud" / "1" / "sample.json").read_text())["rows"][0]["features"]
@@ -544,10 +577,14 @@ def large_requests(ctx: Context) -> ScenarioResult:
 # ---------------------------------------------------------------- many streams
 
 def bidi_streams(ctx: Context, n: int = 1000, messages: int = 3) -> ScenarioResult:
+    spread_s = ctx.s(10.0)
     r = ScenarioResult("bidi_1000", f"{n} concurrent fraud StreamPredict bidi streams through the gateway (all open "
-                       f"at once, {messages} messages each), on top of the steady traffic",
-                       "a thousand long-lived streams fit alongside unary traffic: every stream message is answered "
-                       "and answered right", "no_failure", recovery_target_s=10)
+                       f"at once: opened with one message each over {spread_s:g} s, then {messages - 1} more each over "
+                       f"{spread_s:g} s while all are open), on top of the "
+                       "steady traffic", "a thousand long-lived streams fit alongside unary traffic: every stream "
+                       "message is answered right or clearly refused (an item error RESOURCE_EXHAUSTED), the "
+                       "streams themselves never fail", "no_failure", recovery_target_s=10,
+                       expect_by_target={"bidi stream messages": "refusals_only"})
     fraud_rows = json.loads((ctx.platform.repository / "fraud" / "1" / "sample.json").read_text())["rows"]
     keys = tokens(max(1, n // 60 + 1), "chaos-bidi")
     found: dict[str, Any] = {}
@@ -566,12 +603,15 @@ def bidi_streams(ctx: Context, n: int = 1000, messages: int = 3) -> ScenarioResu
                                                                                   f"Bearer {keys[0]}"),), timeout=30)
             want[i] = reply.prediction.fraud_probability
         opened = asyncio.Event()
-        counter = {"open": 0, "ok_messages": 0, "wrong": 0, "errors": {}, "fallback": 0}
+        counter: dict[str, Any] = {"open": 0, "ok_messages": 0, "wrong": 0, "errors": {}, "fallback": 0,
+                                   "refused": {}, "examples": []}
 
         async def one(k: int) -> None:
             stub = rpc.FraudServiceStub(channels[k % len(channels)])
             call = stub.StreamPredict(metadata=(("authorization", f"Bearer {keys[k % len(keys)]}"),), timeout=120)
+            rng = np.random.default_rng(k)
             try:
+                await asyncio.sleep(float(rng.uniform(0, spread_s)))  # the opening messages spread too
                 await call.write(pb.PredictRequest(transaction=pb.Transaction(
                     transaction_id=f"s{k}-0", features=fraud_rows[0]["features"])))
                 first = await call.read()
@@ -579,21 +619,28 @@ def bidi_streams(ctx: Context, n: int = 1000, messages: int = 3) -> ScenarioResu
                 results = [first]
                 if counter["open"] >= n:
                     opened.set()
-                await asyncio.wait_for(opened.wait(), 60)
-                for i in range(1, messages):
+                await asyncio.wait_for(opened.wait(), 60 + spread_s)
+                for i in range(1, messages):  # spread over `spread_s`: 1000 streams, not a 1000-message burst
+                    await asyncio.sleep(float(rng.uniform(0, spread_s / (messages - 1))))
                     await call.write(pb.PredictRequest(transaction=pb.Transaction(
                         transaction_id=f"s{k}-{i}", features=fraud_rows[i % len(fraud_rows)]["features"])))
                     results.append(await call.read())
                 await call.done_writing()
                 for i, res in enumerate(results):
-                    if res.WhichOneof("outcome") != "prediction":
-                        counter["wrong"] += 1
-                    elif res.prediction.fallback:
+                    if res.WhichOneof("outcome") == "error" and res.error.code in ("RESOURCE_EXHAUSTED",
+                                                                                     "UNAVAILABLE"):
+                        code = f"item_{res.error.code.lower()}"  # a clear refusal of that message
+                        counter["refused"][code] = counter["refused"].get(code, 0) + 1
+                    elif res.WhichOneof("outcome") == "prediction" and res.prediction.fallback:
                         counter["fallback"] += 1
-                    elif abs(res.prediction.fraud_probability - want[i]) > 1e-4:
-                        counter["wrong"] += 1
-                    else:
+                    elif res.WhichOneof("outcome") == "prediction" and abs(
+                            res.prediction.fraud_probability - want[i]) <= 1e-4:
                         counter["ok_messages"] += 1
+                    else:
+                        counter["wrong"] += 1
+                        if len(counter["examples"]) < 3:
+                            counter["examples"].append(f"message {i}: {str(res).strip()[:200]} (expected "
+                                                       f"fraud_probability {want[i]:.6f})")
             except TimeoutError:
                 counter["errors"]["not all open within 60 s"] = counter["errors"].get("not all open within 60 s", 0) + 1
                 call.cancel()
@@ -621,22 +668,24 @@ def bidi_streams(ctx: Context, n: int = 1000, messages: int = 3) -> ScenarioResu
     def clear() -> None:
         found["thread"].join(150)
 
-    drill(ctx, r, pre_s=10, hold_s=5, post_s=30, inject=inject, clear=clear)
+    drill(ctx, r, pre_s=10, hold_s=2 * spread_s + 2, post_s=20, inject=inject, clear=clear)
     res = found.get("result", {})
     r.extra["streams"] = res
-    if res.get("errors") or res.get("error"):
-        r.by_target["bidi streams"] = {"ok": res.get("open", 0), **res.get("errors", {})}
+    if res.get("error"):
+        r.error = f"streams: {res['error']}"
     r.checks.wrong += int(res.get("wrong", 0))
-    if res.get("ok_messages", 0) + res.get("fallback", 0) < n * messages and not r.error:
-        r.notes.append(f"{res.get('ok_messages', 0)} of {n * messages} stream messages answered right")
-        r.by_target.setdefault("bidi streams", {"ok": res.get("ok_messages", 0) // messages,
-                                                "incomplete": n - res.get("ok_messages", 0) // messages})
+    answered = res.get("ok_messages", 0) + res.get("fallback", 0) + sum(res.get("refused", {}).values())
+    r.by_target["bidi stream messages"] = {"ok": res.get("ok_messages", 0) + res.get("fallback", 0),
+                                           **res.get("refused", {}), **res.get("errors", {})}
+    if answered + res.get("wrong", 0) < n * messages:
+        r.by_target["bidi stream messages"]["unanswered"] = n * messages - answered - res.get("wrong", 0)
     return r
 
 
 SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "replica_kill": replica_kill, "replica_hang": replica_hang, "replica_restart": replica_restart,
     "redis_kill": redis_kill, "redis_slow": redis_slow, "model_errors": model_errors, "model_slow": model_slow,
+    "model_slow_overload": model_slow_overload,
     "gateway_hot_restart": gateway_hot_restart, "slow_clients": slow_clients, "large_requests": large_requests,
     "bidi_1000": bidi_streams,
 }

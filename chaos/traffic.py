@@ -164,10 +164,13 @@ class Verifier:
     repository: Path
     rate: float = 4.0
     timeout_s: float = TIMEOUT_S
+    models: tuple[str, ...] | None = None
+    """Ask only about these models (default: fraud, sentiment and cnn)."""
     expected: dict[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.questions = _repo_inputs(self.repository)
+        self.questions = [(path, body) for path, body in _repo_inputs(self.repository)
+                          if self.models is None or path.rsplit("/", 1)[1] in self.models]
         self.tokens = tokens(keys_for(self.rate, 600), "chaos-verifier")
         self._i = 0
         self._stop = threading.Event()
