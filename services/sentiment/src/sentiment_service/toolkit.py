@@ -5,7 +5,7 @@ held-out and training sentences those of the build's data file, tokenised with t
 tokenizer and padded per batch. The encoder-specific graph optimisation is ONNX Runtime's
 transformer fusion (`sentiment_service.optimize.fuse_transformer`), the INT8 nodes the MatMuls
 (as the build's own candidates). Structured pruning removes whole Transformer layers (every
-other one) and, in the layers kept, the attention heads with the smallest weight norms.
+other one); `prune_structure` can remove attention heads too.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from sentiment_service.text import TextEncoder
 
 DEFAULT_VERSION_DIR = Path("model_repository") / build_model.MODEL_NAME / "1"
 KEEP_LAYERS = (0, 2, 4)
-KEEP_HEADS = 8
 
 
 def prune_heads(attention: nn.ModuleDict, keep: int) -> int:
@@ -50,15 +49,22 @@ def prune_heads(attention: nn.ModuleDict, keep: int) -> int:
     return keep
 
 
-def prune_layers_and_heads(net: SentimentNetwork) -> tuple[SentimentNetwork, str]:
-    """Layers KEEP_LAYERS of 6 kept; in each, KEEP_HEADS of 12 heads."""
+def prune_structure(net: SentimentNetwork, keep_layers: Sequence[int] | None = KEEP_LAYERS,
+                    keep_heads: int | None = None) -> tuple[SentimentNetwork, str]:
+    """A smaller dense encoder: only Transformer layers `keep_layers` (None: all) and, in each, the `keep_heads`
+    attention heads with the largest weight norms (None: all). The toolkit's default removes every other layer:
+    half the encoder's compute (heads alone leave the FFN, two thirds of a layer's MatMul work, as it was)."""
     layers = net.bert.encoder["layer"]
     total, heads = len(layers), layers[0].attention["self"].heads
-    net.bert.encoder["layer"] = nn.ModuleList(layers[i] for i in KEEP_LAYERS)
-    for layer in net.bert.encoder["layer"]:
-        prune_heads(layer.attention, KEEP_HEADS)
-    return net, (f"Transformer layers {total}->{len(KEEP_LAYERS)} (kept {list(KEEP_LAYERS)}), attention heads "
-                 f"{heads}->{KEEP_HEADS} per layer (largest Q/K/V/output weight norms)")
+    what = []
+    if keep_layers is not None:
+        net.bert.encoder["layer"] = nn.ModuleList(layers[i] for i in keep_layers)
+        what.append(f"Transformer layers {total}->{len(keep_layers)} (kept {list(keep_layers)})")
+    if keep_heads is not None:
+        for layer in net.bert.encoder["layer"]:
+            prune_heads(layer.attention, keep_heads)
+        what.append(f"attention heads {heads}->{keep_heads} per layer (largest Q/K/V/output weight norms)")
+    return net, ", ".join(what) or "nothing removed"
 
 
 def subject(version_dir: Path | str = DEFAULT_VERSION_DIR, **_: Any) -> Subject:
@@ -95,7 +101,7 @@ def subject(version_dir: Path | str = DEFAULT_VERSION_DIR, **_: Any) -> Subject:
         dynamic_axes={"input_ids": axes, "attention_mask": axes, "probabilities": {0: "batch"}},
         heldout=lambda idx: feeds([test_texts[i] for i in idx]), labels=np.array([e.label for e in test]),
         train=lambda idx: feeds([train[i].text for i in idx]), train_size=len(train), loss=loss,
-        structured=prune_layers_and_heads, int8_ops=["MatMul"], learning_rate=5e-5, fuse=fuse,
+        structured=prune_structure, int8_ops=["MatMul"], learning_rate=5e-5, fuse=fuse,
         fusion_name="ORT transformer fusion (Attention, SkipLayerNormalization, BiasGelu)",
         description=f"sentiment: MiniLM-L6 encoder + mean pooling + linear head, {version_dir}", batch_size=16,
         gateway_request=lambda i: ("/api/v1/sentiment", {"text": test_texts[i]}),
