@@ -1,5 +1,5 @@
-"""Every custom resource the overlays render (Argo Rollouts, Gateway API, KEDA, Prometheus Operator) validates
-against its CRD's schema, offline: the kubernetes-models packages (npm, pinned in crd-schemas/package.json and
+"""Every custom resource the overlays render (Argo Rollouts, Gateway API, KEDA, Prometheus Operator, cert-manager)
+validates against its CRD's schema, offline: the kubernetes-models packages (npm, pinned in crd-schemas/package.json and
 installed by `make tools`) carry each project's CRD schemas as validators. KServe's InferenceService has no such
 package: its checks are in test_k8s.py."""
 
@@ -15,7 +15,7 @@ from tests.deploy.conftest import run
 from tests.support.procs import ROOT
 
 SCHEMAS = ROOT / "tests" / "deploy" / "crd-schemas"
-CUSTOM = {"Rollout", "AnalysisTemplate", "HTTPRoute", "ScaledObject", "PodMonitor", "PrometheusRule"}
+CUSTOM = {"Rollout", "AnalysisTemplate", "HTTPRoute", "ScaledObject", "PodMonitor", "PrometheusRule", "Certificate"}
 
 
 def validate(objects: list[dict]) -> tuple[int, str]:

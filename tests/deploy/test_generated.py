@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlplatform_gateway import auth, render, routesync
+from mlplatform_gateway import auth, render, routesync, tls
 from mlplatform_gateway.local import prepare_files_dir
 
 from deploy import generate
@@ -39,6 +39,7 @@ def test_check_mode_names_a_stale_file(tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("gateway-files")
+    tls.ensure_dev_tls(d)  # /etc/envoy/tls (the gateway-tls Secret) -> <files_dir>/tls
     return prepare_files_dir(d, auth.ensure_dev_keys(d / "keys").jwks_path)
 
 

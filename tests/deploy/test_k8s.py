@@ -17,7 +17,7 @@ from tests.support.procs import ROOT
 BUILT_IN_GROUPS = ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2",
                    "rbac.authorization.k8s.io/v1")
 CUSTOM_KINDS = {"Rollout", "AnalysisTemplate", "ScaledObject", "PodMonitor", "PrometheusRule", "InferenceService",
-                "HTTPRoute"}
+                "HTTPRoute", "Certificate"}
 METRICS_SOURCE = (ROOT / "libs" / "src" / "mlplatform" / "metrics.py").read_text()
 
 
@@ -320,3 +320,27 @@ def test_kserve_predictors_can_become_ready_under_knative(rendered):
 
 def test_generator_namespace_is_the_service_list_namespace(deploy_cfg):
     assert generate.NAMESPACE == deploy_cfg["namespace"] == "mlplatform"
+
+
+def test_gateway_serves_tls_from_the_gateway_tls_secret(rendered):
+    """Kubernetes: TLS by default; the certificate is the `gateway-tls` Secret mounted where the k8s variant reads it
+    (cert-manager's Certificate makes it in prod, for the Service's DNS names)."""
+    from mlplatform_gateway import render
+
+    tls = render.load_values("k8s")["tls"]
+    assert tls["enabled"] is True and tls["plain_http"] == "redirect"
+    for overlay in OVERLAYS:
+        objects = rendered[overlay][1]
+        pod = by_kind(objects, "Deployment")["gateway"]["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == "gateway-tls"
+        envoy = next(c for c in pod["containers"] if c["name"] == "gateway")
+        assert {"name": "tls", "mountPath": tls["dir"], "readOnly": True} in envoy["volumeMounts"]
+        assert envoy["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+        certs = by_kind(objects, "Certificate")
+        if overlay == "prod":
+            (cert,) = certs.values()
+            assert cert["spec"]["secretName"] == "gateway-tls"
+            assert "gateway.mlplatform.svc.cluster.local" in cert["spec"]["dnsNames"]
+        else:
+            assert not certs  # dev / kserve: the Secret is created by hand (docs/runbooks/deploy.md, step 3)

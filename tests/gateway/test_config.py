@@ -12,7 +12,7 @@ from pathlib import Path
 import jwt
 import pytest
 import yaml
-from mlplatform_gateway import auth, render
+from mlplatform_gateway import auth, render, tls
 from mlplatform_gateway.__main__ import parse_set
 from mlplatform_gateway.local import prepare_files_dir
 
@@ -38,7 +38,8 @@ def clusters(config: dict) -> dict[str, dict]:
 def test_every_variant_is_accepted_by_envoy(variant, files_dir, tmp_path):
     """`envoy --mode validate` on each rendered variant; containers' /etc/envoy is pointed at local copies."""
     path = tmp_path / f"envoy-{variant}.yaml"
-    path.write_text(render.render(variant, {"files_dir": str(files_dir)}))
+    certs = tls.ensure_dev_tls(tmp_path)  # compose / k8s read theirs from a mount / Secret
+    path.write_text(render.render(variant, {"files_dir": str(files_dir), "tls": {"dir": str(certs.directory)}}))
     render.validate(path)
 
 

@@ -242,7 +242,8 @@ def test_k8s_gateway_pod_drains_before_sigterm_within_its_grace_period():
     config = yaml.safe_load(render.render("k8s"))
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     health = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.health_check")["typed_config"]
-    assert c["readinessProbe"]["httpGet"] == {"path": health["headers"][0]["string_match"]["exact"], "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": health["headers"][0]["string_match"]["exact"], "port": "http",
+                                              "scheme": "HTTPS"}  # the k8s variant serves TLS
     # The image runs the hook with its own Python (the venv with mlplatform_gateway is on its PATH) and starts
     # Envoy with the same drain flags.
     dockerfile = (ROOT / "docker" / "gateway.Dockerfile").read_text()
