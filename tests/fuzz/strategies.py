@@ -57,7 +57,7 @@ def mostly(common: st.SearchStrategy, rare: st.SearchStrategy, percent: int = 85
 
 
 versions = mostly(st.sampled_from(["", "1", "0"]), st.one_of(
-    st.sampled_from(["2", "-1", "01", " 1", "1.0", "99999999999999999999"]), st.text(max_size=8)))
+    st.sampled_from(["2", "-1", "01", " 1", "1.0", "99999999999999999999"]), st.text(max_size=8)), 75)
 """Model versions: mostly served ones, then unknown ones (the fraud, cnn and sentiment models serve only "1")."""
 
 dims = st.one_of(st.integers(-3, 40), st.sampled_from(HUGE_DIMS), st.integers(-2**63, -1))
@@ -266,7 +266,7 @@ ODD_FLOATS = [math.nan, math.inf, -math.inf, -1.0, 1e30, -1e30, 3.4e38, 1e-45]
 def fraud_features(draw: st.DrawFn, rows: np.ndarray) -> list[float]:
     """30 valid feature values from real rows, or the same with values broken, dropped or added."""
     row = rows[draw(st.integers(0, len(rows) - 1))].tolist()
-    how = draw(st.sampled_from(["valid", "valid", "value", "values", "short", "long", "empty", "random"]))
+    how = draw(mostly(st.just("valid"), st.sampled_from(["value", "values", "short", "long", "empty", "random"]), 40))
     if how == "value":
         row[draw(st.integers(0, 29))] = draw(st.one_of(st.sampled_from(ODD_FLOATS), st.floats(width=32)))
     elif how == "values":
@@ -287,18 +287,20 @@ def fraud_features(draw: st.DrawFn, rows: np.ndarray) -> list[float]:
 def fraud_transactions(draw: st.DrawFn, rows: np.ndarray, pb) -> object:
     """Transactions: by features (valid or broken), by card_id with odd fields, or both at once."""
     tx = pb.Transaction(transaction_id=draw(huge_text("t7é")))
-    kind = draw(st.sampled_from(["features", "features", "features", "card", "both", "nothing"]))
+    kind = draw(st.sampled_from(["features", "features", "features", "card", "card", "both", "nothing"]))
     if kind in ("features", "both"):
         tx.features.extend(draw(fraud_features(rows)))
     if kind in ("card", "both"):
-        tx.card_id = draw(st.one_of(st.from_regex(CARD_ID, fullmatch=True), huge_text("c"), st.text(max_size=70)))
-        tx.amount = draw(st.one_of(st.floats(0.01, 1e6), st.sampled_from([0.0, -5.0, 1e6 + 1, math.nan, math.inf])))
-        tx.channel = draw(st.integers(0, 5))
-        tx.timestamp = draw(st.one_of(st.just(0), st.integers(0, 1_700_000_000), st.integers(-2**63, 2**63 - 1)))
-        tx.merchant_category = draw(st.one_of(st.sampled_from(["", "5411", "7995"]), st.text(max_size=6)))
-        tx.merchant_country = draw(st.one_of(st.sampled_from(["", "FR", "de"]), st.text(max_size=3)))
-        tx.latitude = draw(st.one_of(st.floats(-90, 90), st.floats()))
-        tx.longitude = draw(st.one_of(st.floats(-180, 180), st.floats()))
+        tx.card_id = draw(mostly(st.from_regex(CARD_ID, fullmatch=True),
+                                 st.one_of(huge_text("c"), st.text(max_size=70))))
+        tx.amount = draw(mostly(st.floats(0.01, 1e6), st.sampled_from([0.0, -5.0, 1e6 + 1, math.nan, math.inf])))
+        tx.channel = draw(mostly(st.integers(1, 3), st.sampled_from([0, 4, 5, -1, 2**31 - 1])))
+        tx.timestamp = draw(mostly(st.one_of(st.just(0), st.integers(0, 1_700_000_000)),
+                                   st.integers(-2**63, 2**63 - 1)))
+        tx.merchant_category = draw(mostly(st.sampled_from(["", "5411", "7995"]), st.text(max_size=6)))
+        tx.merchant_country = draw(mostly(st.sampled_from(["", "FR", "de"]), st.text(max_size=3)))
+        tx.latitude = draw(mostly(st.floats(-90, 90), st.floats()))
+        tx.longitude = draw(mostly(st.floats(-180, 180), st.floats()))
         tx.new_device = draw(st.booleans())
     return tx
 
@@ -332,11 +334,56 @@ def png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def decoded(data: bytes) -> np.ndarray:
+    """What the cnn service makes of an image file: grayscale, resized (bilinear) to 32x32, float32 pixels."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    gray = img if img.mode == "L" else img.convert("L")
+    if gray.size != (32, 32):
+        gray = gray.resize((32, 32), Image.Resampling.BILINEAR)
+    return np.asarray(gray, dtype=np.float32)
+
+
+def tensor_pixels(t) -> np.ndarray | None:
+    """The pixels of a cnn.v1 PixelTensor the service must accept, or None when it must refuse it (the rules of
+    cnn_service.images.pixels_from_tensor, re-stated)."""
+    if t.datatype not in ("FP32", "UINT8") or list(t.shape) not in ([32, 32], [1, 32, 32]):
+        return None
+    if len(t.fp32_contents) and t.raw_contents:
+        return None
+    if len(t.fp32_contents):
+        if t.datatype != "FP32" or len(t.fp32_contents) != 1024:
+            return None
+        pixels = np.asarray(t.fp32_contents, np.float32)
+    elif t.raw_contents:
+        dtype = np.dtype("<f4") if t.datatype == "FP32" else np.dtype(np.uint8)
+        if len(t.raw_contents) != 1024 * dtype.itemsize:
+            return None
+        pixels = np.frombuffer(t.raw_contents, dtype).astype(np.float32)
+    else:
+        return None
+    if not (np.isfinite(pixels).all() and ((pixels >= 0) & (pixels <= 255)).all()):
+        return None
+    return pixels.reshape(32, 32)
+
+
+@dataclass(frozen=True)
+class CnnCase:
+    """An ImageInput and what it must get: `pixels` the model must see when `must` (else it must be refused,
+    or, when `pixels` is given anyway -- a truncated file PIL can still read -- answered as those pixels)."""
+
+    item: object
+    pixels: np.ndarray | None
+    must: bool
+
+
 @st.composite
-def cnn_inputs(draw: st.DrawFn, pb) -> tuple[object, np.ndarray | None]:
-    """An ImageInput: valid pixel tensors (returned with their pixels, for the reference), PNGs of any size,
-    garbage or truncated image bytes, tensors with wrong shapes, datatypes, lengths or values."""
-    kind = draw(st.sampled_from(["pixels", "pixels", "png", "garbage", "truncated", "tensor", "nothing"]))
+def cnn_inputs(draw: st.DrawFn, pb, kinds: tuple[str, ...] = ("pixels", "pixels", "png", "garbage", "truncated",
+                                                              "tensor", "tensor", "nothing")) -> CnnCase:
+    """ImageInputs of `kinds`: valid pixel tensors, PNGs of any size, garbage or truncated image bytes, crafted
+    headers, tensors with wrong shapes, datatypes, lengths or values, no input."""
+    kind = draw(st.sampled_from(kinds))
     item = pb.ImageInput(id=draw(huge_text("i")))
     if kind == "pixels":
         pixels = draw(st.integers(0, 2**32 - 1).map(
@@ -346,11 +393,12 @@ def cnn_inputs(draw: st.DrawFn, pb) -> tuple[object, np.ndarray | None]:
         else:
             item.tensor.CopyFrom(pb.PixelTensor(shape=draw(st.sampled_from([[32, 32], [1, 32, 32]])),
                                                 datatype="UINT8", raw_contents=pixels.astype(np.uint8).tobytes()))
-        return item, pixels
+        return CnnCase(item, pixels, True)
     if kind == "png":
         h, w, seed = draw(st.integers(1, 80)), draw(st.integers(1, 80)), draw(st.integers(0, 2**32 - 1))
         item.image = png(np.random.default_rng(seed).integers(0, 256, (h, w)))
-    elif kind == "garbage":
+        return CnnCase(item, decoded(item.image), True)
+    if kind == "garbage":
         item.image = draw(st.one_of(st.binary(max_size=300), st.sampled_from([
             b"\x89PNG\r\n\x1a\n", b"BM", b"\xff\xd8\xff",
             b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\xff\xff\xff\xff\xff\xff\xff\xff",
@@ -358,6 +406,7 @@ def cnn_inputs(draw: st.DrawFn, pb) -> tuple[object, np.ndarray | None]:
     elif kind == "truncated":
         full = png(np.random.default_rng(draw(st.integers(0, 1000))).integers(0, 256, (32, 32)))
         item.image = full[:draw(st.integers(1, len(full) - 1))]
+        return CnnCase(item, decoded(full), False)
     elif kind == "tensor":
         t = pb.PixelTensor(shape=draw(st.one_of(st.sampled_from([[32, 32], [1, 32, 32]]), shapes)),
                            datatype=draw(st.sampled_from(["FP32", "UINT8", "FP64", "", "fp32"])))
@@ -366,13 +415,14 @@ def cnn_inputs(draw: st.DrawFn, pb) -> tuple[object, np.ndarray | None]:
                 st.lists(st.floats(width=32), max_size=40),
                 st.builds(lambda v, i, n: [128.0] * i + [v] + [128.0] * (n - i - 1),
                           st.one_of(st.sampled_from([*ODD_FLOATS, 255.5, 256.0]), st.floats(width=32)),
-                          st.integers(0, 1023), st.sampled_from([1024, 1024, 1023, 1025]))
-                .filter(lambda v: len(v) > 0))))
+                          st.integers(0, 1022), st.sampled_from([1024, 1024, 1023, 1025])))))
         if draw(st.booleans()):
             t.raw_contents = draw(st.one_of(st.binary(max_size=64), st.sampled_from([b"\0" * 1024, b"\0" * 4096,
                                                                                      b"\0" * 1023, b"\0" * 4095])))
         item.tensor.CopyFrom(t)
-    return item, None
+        pixels = tensor_pixels(t)
+        return CnnCase(item, pixels, pixels is not None)
+    return CnnCase(item, None, False)
 
 
 # -- sentiment.v1 --------------------------------------------------------------------------
