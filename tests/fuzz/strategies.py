@@ -455,3 +455,36 @@ def declared_shape_requests(draw: st.DrawFn, model: str, input_name: str) -> oip
         field = draw(st.sampled_from(sorted(CONTENTS_FIELDS)))
         getattr(t.contents, field).extend(draw(st.lists(CONTENTS_FIELDS[field], max_size=4)))
     return req
+
+
+@st.composite
+def text_tensor_requests(draw: st.DrawFn, model: str = "sentiment") -> tuple[oip.ModelInferRequest, list[bytes]]:
+    """ModelInfer requests for a model with one BYTES input [N] (sentiment): texts of any kind, bytes that are
+    not UTF-8, as typed contents or length-prefixed raw bytes (maybe cut or padded), declared shapes that fit
+    the elements or not, other datatypes now and then. Returns the request and the elements sent."""
+    elements = draw(st.lists(st.one_of(texts.map(str.encode), st.binary(max_size=40)), min_size=1, max_size=4))
+    req = oip.ModelInferRequest(model_name=model)
+    t = req.inputs.add(name=draw(mostly(st.just("text"), st.sampled_from(["texts", "", "features"]), 90)),
+                       datatype=draw(mostly(st.just("BYTES"), st.sampled_from([*OIP_DATATYPES, *JUNK_DATATYPES]), 85)),
+                       shape=draw(mostly(st.just([len(elements)]), st.one_of(
+                           st.sampled_from([[len(elements), 1], [len(elements) + 1], [], [0], [2**40]]), shapes), 80)))
+    if draw(st.booleans()):
+        raw = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+        cut = draw(mostly(st.just(0), st.integers(-6, 6), 80))
+        req.raw_input_contents.append(raw[:cut] if cut < 0 else raw + b"\0" * cut)
+    else:
+        t.contents.bytes_contents.extend(elements)
+    return req, elements
+
+
+def text_tensor_valid(req: oip.ModelInferRequest, elements: list[bytes], max_batch: int = 32) -> bool:
+    """Whether the sentiment service must classify a text_tensor_requests request."""
+    t = req.inputs[0]
+    if t.name != "text" or t.datatype != "BYTES" or list(t.shape) != [len(elements)] or len(elements) > max_batch:
+        return False
+    if req.raw_input_contents and len(req.raw_input_contents[0]) != sum(4 + len(e) for e in elements):
+        return False
+    try:
+        return all(text_valid(e.decode("utf-8")) for e in elements)
+    except UnicodeDecodeError:
+        return False

@@ -28,6 +28,8 @@ from tests.fuzz.strategies import (
     names_a_field,
     oip_expectation,
     oip_requests,
+    text_tensor_requests,
+    text_tensor_valid,
 )
 
 pytestmark = pytest.mark.integration
@@ -225,3 +227,46 @@ def test_huge_declared_shapes_are_refused_before_allocating(stub, datatype, shap
     req.raw_input_contents.append(raw)
     code, got, _ = call(stub, req)
     assert (code, got) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@pytest.fixture(scope="module")
+def sentiment_oip(sentiment_channel) -> oip_grpc.GRPCInferenceServiceStub:
+    return oip_grpc.GRPCInferenceServiceStub(sentiment_channel)
+
+
+@settings(max_examples=examples(25))
+@given(case=text_tensor_requests())
+def test_bytes_tensors_of_texts(sentiment_oip, sentiment_channel, case):
+    """The sentiment model over OIP: texts as BYTES (contents or raw, maybe cut, maybe not UTF-8) are classified
+    as the typed API classifies them when valid, else refused naming the input or the row."""
+    from sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
+
+    req, elements = case
+    valid = text_tensor_valid(req, elements)
+    code, message, response = call(sentiment_oip, req)
+    note(f"valid: {valid}, got {code}: {message!r}")
+    event(f"valid {valid}, got {code.name}")
+    if not valid:
+        assert code != grpc.StatusCode.OK, "an invalid request was answered"
+        check_refusal(code, message, grpc.StatusCode.INVALID_ARGUMENT, req)
+        return
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        response = call_valid(sentiment_oip, req)
+    assert code in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED), (code, message)
+    dtypes = {"FP32": "<f4", "INT64": "<i8", "BOOL": "?", "INT32": "<i4"}
+    out = {t.name: np.frombuffer(raw, dtypes[t.datatype]).reshape(list(t.shape))
+           for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)}
+    n = len(elements)
+    assert out["probabilities"].shape == (n, 2) and out["label"].shape == (n,)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
+    assert out["label"].tolist() == out["probabilities"].argmax(axis=1).tolist()
+    typed = sentiment_pb2_grpc.SentimentServiceStub(sentiment_channel).PredictBatch(
+        sentiment_pb2.PredictBatchRequest(texts=[e.decode() for e in elements]), timeout=TIMEOUT_S).results
+    for i, result in enumerate(typed):
+        if result.WhichOneof("outcome") == "error":  # a busy machine's refusal
+            assert result.error.code == "RESOURCE_EXHAUSTED", result.error
+            continue
+        np.testing.assert_allclose(out["probabilities"][i], [p.probability for p in result.prediction.probabilities],
+                                   atol=1e-5)
+        assert int(out["tokens"][i]) == result.prediction.tokens
+        assert bool(out["truncated"][i]) == result.prediction.truncated
