@@ -1,29 +1,19 @@
-"""Hypothesis profiles for the gRPC property tests, and the clients and references they share.
+"""Clients and references for the gRPC property tests.
 
-`ci` (the default, `make test`): a few hundred examples in all, derandomized (the same examples on every
-run, so a failure reproduces). `long` (`HYPOTHESIS_PROFILE=long`, for `make chaos`): twenty times as many,
-freshly drawn each run. A failing example is printed in full by Hypothesis, with the statuses seen (`note`).
+Hypothesis profiles (tests/fuzz/strategies.py, applied per test): `ci`, the default (`make test`): a few hundred
+examples in all, derandomized (the same examples on every run, so a failure reproduces); `long`
+(`HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/fuzz`, for `make chaos`): twenty times as many, freshly drawn
+each run. A failing example is printed in full by Hypothesis, with the statuses seen (`note`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
-
-from tests.fuzz.strategies import PROFILE_ENV
-
-_COMMON = dict(deadline=None, print_blob=True, report_multiple_bugs=False,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.large_base_example])
-settings.register_profile("ci", max_examples=50, derandomize=True, database=None, **_COMMON)
-settings.register_profile("long", max_examples=1000, **_COMMON)
-settings.load_profile(os.environ.get(PROFILE_ENV, "ci"))
 
 
 def _channel(target: str) -> Iterator[grpc.Channel]:

@@ -17,18 +17,33 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as oip
 
 PROFILE_ENV = "HYPOTHESIS_PROFILE"
-"""Environment variable naming the Hypothesis profile: `ci` (default) or `long` (`make chaos`)."""
+"""Environment variable naming the Hypothesis profile: `ci` (default, `make test`) or `long` (`make chaos`)."""
 
 LONG_FACTOR = 20
+"""How many more examples each property gets under `long`."""
+
+_COMMON = dict(deadline=None, print_blob=True, report_multiple_bugs=False,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.large_base_example])
+settings.register_profile("ci", parent=settings.get_profile("ci"), derandomize=True, database=None, **_COMMON)
+"""Hypothesis' own `ci` profile (which it loads where it detects CI), refined: the same examples on every run
+(a failure reproduces), no deadline (a busy machine's timing noise)."""
+settings.register_profile("long", **_COMMON)
+"""Fresh examples on every run; a failure prints its reproduction blob."""
 
 
-def examples(n: int) -> int:
-    """`n` examples under the `ci` profile, LONG_FACTOR times more under `long`."""
-    return n * LONG_FACTOR if os.environ.get(PROFILE_ENV, "ci") == "long" else n
+def fuzz_settings(n: int) -> settings:
+    """The selected profile with `n` examples (`ci`), or LONG_FACTOR times as many (`long`). Applied per test,
+    so that loading these profiles never changes other tests' Hypothesis settings."""
+    profile = os.environ.get(PROFILE_ENV, "ci")
+    if profile not in ("ci", "long"):
+        raise ValueError(f"{PROFILE_ENV}={profile!r}: expected ci or long")
+    return settings(settings.get_profile(profile), max_examples=n * LONG_FACTOR if profile == "long" else n)
 
 
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -15,7 +15,7 @@ import itertools
 import grpc
 import numpy as np
 import pytest
-from hypothesis import event, given, note, settings
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
@@ -24,7 +24,7 @@ from tests.fraud.helpers import perturb
 from tests.fuzz.strategies import (
     CLIENT_ERRORS,
     declared_shape_requests,
-    examples,
+    fuzz_settings,
     names_a_field,
     oip_expectation,
     oip_requests,
@@ -123,7 +123,7 @@ def check_refusal(code: grpc.StatusCode, message: str, expected: grpc.StatusCode
     assert names_a_field(message, req), f"the message does not say what is wrong: {message!r}"
 
 
-@settings(max_examples=examples(150))
+@fuzz_settings(150)
 @given(data=st.data())
 def test_model_infer_answers_or_refuses_clearly(stub, rows, fraud_bounds, onnx_reference, threshold, data):
     req = data.draw(oip_requests(MODEL, INPUT, rows, OUTPUTS), label="request")
@@ -157,7 +157,7 @@ def test_model_infer_answers_or_refuses_clearly(stub, rows, fraud_bounds, onnx_r
     check_answer(good_response, good, good_rows, onnx_reference, threshold)
 
 
-@settings(max_examples=examples(60))
+@fuzz_settings(60)
 @given(req=declared_shape_requests(MODEL, INPUT))
 def test_declared_shapes_never_exhaust_the_server(stub, rows, onnx_reference, threshold, req):
     """A huge (or zero-sized) declared shape with tiny data is refused as INVALID_ARGUMENT naming the input, before
@@ -175,7 +175,7 @@ def test_declared_shapes_never_exhaust_the_server(stub, rows, onnx_reference, th
     check_answer(good_response, good, good_rows, onnx_reference, threshold)
 
 
-@settings(max_examples=examples(20))
+@fuzz_settings(20)
 @given(data=st.data())
 def test_model_stream_infer_answers_every_message(stub, rows, fraud_bounds, onnx_reference, threshold, data):
     """A stream of good and bad messages: one answer per message, in order; a bad one gets its own error
@@ -234,7 +234,7 @@ def sentiment_oip(sentiment_channel) -> oip_grpc.GRPCInferenceServiceStub:
     return oip_grpc.GRPCInferenceServiceStub(sentiment_channel)
 
 
-@settings(max_examples=examples(25))
+@fuzz_settings(25)
 @given(case=text_tensor_requests())
 def test_bytes_tensors_of_texts(sentiment_oip, sentiment_channel, case):
     """The sentiment model over OIP: texts as BYTES (contents or raw, maybe cut, maybe not UTF-8) are classified

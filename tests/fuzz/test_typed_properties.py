@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from cnn.v1 import cnn_pb2, cnn_pb2_grpc
 from fraud.v1 import fraud_pb2, fraud_pb2_grpc
-from hypothesis import event, given, note, settings
+from hypothesis import event, given, note
 from hypothesis import strategies as st
 from sentiment.v1 import sentiment_pb2, sentiment_pb2_grpc
 
@@ -27,9 +27,9 @@ from tests.fuzz.strategies import (
     CLIENT_ERRORS,
     card_transaction_valid,
     cnn_inputs,
-    examples,
     fraud_features_valid,
     fraud_transactions,
+    fuzz_settings,
     mostly,
     text_valid,
     texts,
@@ -124,7 +124,7 @@ def good_fraud(rows: np.ndarray) -> fraud_pb2.PredictRequest:
                                                                       features=row.tolist()))
 
 
-@settings(max_examples=examples(60))
+@fuzz_settings(60)
 @given(data=st.data())
 def test_fraud_predict(fraud, rows, fraud_bounds, onnx_reference, data):
     tx = data.draw(fraud_transactions(rows, fraud_pb2), label="transaction")
@@ -153,7 +153,7 @@ def test_fraud_predict(fraud, rows, fraud_bounds, onnx_reference, data):
     check_fraud_prediction(good_response.prediction, good.transaction, onnx_reference)
 
 
-@settings(max_examples=examples(30))
+@fuzz_settings(30)
 @given(data=st.data())
 def test_fraud_batch_and_stream_answer_every_item(fraud, rows, fraud_bounds, onnx_reference, data):
     """PredictBatch and StreamPredict: one result per item, in order; a bad item's error names it by index and
@@ -242,7 +242,7 @@ def check_cnn_answer(code, message, classification, case, top_k, expected, field
         check_refusal(code, message, expected, field)
 
 
-@settings(max_examples=examples(50))
+@fuzz_settings(50)
 @given(data=st.data())
 def test_cnn_predict_and_batch(cnn, cnn_reference, data):
     case = data.draw(cnn_inputs(cnn_pb2), label="image")
@@ -283,7 +283,7 @@ def test_cnn_predict_and_batch(cnn, cnn_reference, data):
         check_classification(ok.classification, good, top_k, cnn_reference)
 
 
-@settings(max_examples=examples(10))
+@fuzz_settings(10)
 @given(data=st.data())
 def test_cnn_stream_answers_every_message(cnn, cnn_reference, data):
     cases = data.draw(st.lists(cnn_inputs(cnn_pb2), min_size=1, max_size=6), label="images")
@@ -334,7 +334,7 @@ def check_sentiment(p, known=None) -> None:
         assert p.label == known.label and abs(p.score - known.score) <= 1e-4, (p, known)
 
 
-@settings(max_examples=examples(25))
+@fuzz_settings(25)
 @given(data=st.data())
 def test_sentiment_texts(sentiment, known_answer, data):
     """Any texts in a batch (with a known one), then one by one and in a stream: valid ones are classified, the
