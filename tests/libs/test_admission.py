@@ -54,6 +54,27 @@ def test_live_observations_outweigh_an_old_regime() -> None:
     assert st.predict(32) == pytest.approx(0.096, rel=0.01)
 
 
+def test_a_slowdown_that_ended_is_forgotten_within_a_few_batches() -> None:
+    st = fitted([(r, 0.001 * r) for r in (1, 32) * 50], half_life=50)
+    for _ in range(100):  # the model 10x slower for a while (make chaos: model_slow_overload)
+        st.observe(1, 0.010)
+        st.observe(32, 0.320)
+    assert st.predict(32) == pytest.approx(0.320, rel=0.05)
+    for _ in range(5):  # fast again: ten batches, not several half-lives of 50, bring the estimate back
+        st.observe(1, 0.001)
+        st.observe(32, 0.032)
+    assert st.predict(32) < 1.5 * 0.032
+
+
+def test_a_fast_outlier_does_not_erase_a_slow_regime() -> None:
+    st = fitted([(r, 0.003 * r) for r in (1, 32) * 50], half_life=50)
+    st.observe(32, 0.010)  # one batch 10x faster (noise), then the regime goes on
+    for _ in range(3):
+        st.observe(1, 0.003)
+        st.observe(32, 0.096)
+    assert st.predict(32) == pytest.approx(0.096, rel=0.1)
+
+
 def test_prior_keeps_the_fit_well_posed_when_traffic_uses_one_size() -> None:
     st = ServiceTime(half_life=5, prior_weight=2)
     st.add_prior(1, 0.002)

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 from mlplatform.errors import OverloadedError
 
+RECOVERED_RATIO = 3.0
+"""A batch this many times faster than the fit's prediction means the runtime is fast again (see `observe`)."""
+
 
 class ServiceTime:
     """Batch duration ~ fixed + per_row * rows, fitted by exponentially weighted least squares.
@@ -53,8 +56,17 @@ class ServiceTime:
         self._coefficients = self._fit()
 
     def observe(self, rows: int, seconds: float) -> None:
-        """One batch of `rows` took `seconds` in the runtime."""
-        self._live = [s * self._decay for s in self._live]
+        """One batch of `rows` took `seconds` in the runtime.
+
+        A batch that ran RECOVERED_RATIO times faster than predicted halves the weight of what was learnt
+        before it: a slowdown that has ended is forgotten within a few batches (otherwise admission kept
+        refusing on the slow regime's estimates for several half-lives after the model was fast again: make
+        chaos, model_slow_overload), while a slowdown is still learnt at the normal pace."""
+        predicted = self.predict(rows)
+        decay = self._decay
+        if predicted > 0 and seconds * RECOVERED_RATIO < predicted:
+            decay *= 0.5
+        self._live = [s * decay for s in self._live]
         self._add(self._live, float(rows), max(0.0, seconds), 1.0)
         self._coefficients = self._fit()
 
