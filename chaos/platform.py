@@ -76,7 +76,9 @@ class Platform:
     replicas: int = 2
 
     def start(self) -> Platform:
+        self.workdir = self.workdir.resolve()  # the replicas run in the repository root
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._environ = dict(os.environ)  # restored by stop(): the replicas read it on every (re)start
         self.faults_file = self.workdir / "faults.json"
         faults.write(self.faults_file, {})
         os.environ[faults.ENV] = str(self.faults_file)  # the replicas' environment is make run's, copied
@@ -231,7 +233,9 @@ class Platform:
             self.proxy.stop()
         if getattr(self, "redis", None) is not None:
             self.redis.stop()
-        os.environ.pop(faults.ENV, None)
+        if getattr(self, "_environ", None) is not None:
+            os.environ.clear()
+            os.environ.update(self._environ)
 
 
 def process_tree_pids(pid: int) -> list[int]:
