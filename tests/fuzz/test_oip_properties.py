@@ -270,3 +270,16 @@ def test_bytes_tensors_of_texts(sentiment_oip, sentiment_channel, case):
                                    atol=1e-5)
         assert int(out["tokens"][i]) == result.prediction.tokens
         assert bool(out["truncated"][i]) == result.prediction.truncated
+
+
+def test_a_message_over_the_size_limit_is_resource_exhausted(stub, rows, onnx_reference, threshold):
+    """A request over the server's message limit (16 MiB by default) is RESOURCE_EXHAUSTED, saying so, and the
+    server answers the next one."""
+    n = (17 << 20) // (30 * 4) + 1
+    req = oip.ModelInferRequest(model_name=MODEL)
+    req.inputs.add(name=INPUT, datatype="FP32", shape=[n, 30])
+    req.raw_input_contents.append(bytes(n * 30 * 4))
+    code, message, _ = call(stub, req)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message, (code, message)
+    good, good_rows = good_request(rows)
+    check_answer(call_valid(stub, good), good, good_rows, onnx_reference, threshold)
