@@ -283,3 +283,32 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(stub, rows, onnx_re
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message, (code, message)
     good, good_rows = good_request(rows)
     check_answer(call_valid(stub, good), good, good_rows, onnx_reference, threshold)
+
+
+model_names = st.one_of(st.just(MODEL), st.sampled_from(["cnn", "sentiment", "Fraud", "", "fraud/1", "../fraud"]),
+                        st.text(max_size=30))
+
+
+@fuzz_settings(40)
+@given(name=model_names, version=st.one_of(st.sampled_from(["", "0", "1", "2", "-1", "01"]), st.text(max_size=10)))
+def test_metadata_rpcs_of_unknown_models_and_versions(stub, name, version):
+    """ModelMetadata, ModelConfig and ModelReady: the served model and version are described; anything else is
+    NOT_FOUND naming the model or the version (ModelReady: not ready for an unknown version of a known model)."""
+    served = name == MODEL and version in ("", "0", "1")
+    for rpc, req in ((stub.ModelMetadata, oip.ModelMetadataRequest(name=name, version=version)),
+                     (stub.ModelConfig, oip.ModelConfigRequest(name=name, version=version))):
+        try:
+            response = rpc(req, timeout=TIMEOUT_S)
+        except grpc.RpcError as err:
+            assert not served, f"{err.code()}: {err.details()}"
+            assert err.code() == grpc.StatusCode.NOT_FOUND, f"{err.code()}: {err.details()}"
+            assert repr(name) in err.details() or repr(version) in err.details(), err.details()
+            continue
+        assert served
+        assert (response.name if hasattr(response, "platform") else response.config.name) == MODEL
+    try:
+        ready = stub.ModelReady(oip.ModelReadyRequest(name=name, version=version), timeout=TIMEOUT_S).ready
+    except grpc.RpcError as err:
+        assert name != MODEL and err.code() == grpc.StatusCode.NOT_FOUND, f"{err.code()}: {err.details()}"
+        return
+    assert ready == served
