@@ -175,10 +175,12 @@ def plots(report: Mapping[str, Any], out: Path) -> list[str]:
     bars = f"{model}_formats.png"
     fig.savefig(out / bars, dpi=90)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for n in names:
-        ax.scatter(rows[n]["p50_ms"], rows[n]["accuracy"] * 100, s=max(10.0, rows[n]["size_bytes"] / 1e6 * 3))
-        ax.annotate(n, (rows[n]["p50_ms"], rows[n]["accuracy"] * 100), fontsize=7)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    markers = "os^Dv<>Ph*Xd"
+    for i, n in enumerate(names):
+        ax.scatter(rows[n]["p50_ms"], rows[n]["accuracy"] * 100, s=max(20.0, rows[n]["size_bytes"] / 1e6 * 3),
+                   marker=markers[i % len(markers)], alpha=0.75, label=n)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=0.6)
     ax.axhline((rows[REFERENCE]["accuracy"] - report["max_accuracy_drop"]) * 100, ls="--", color="#c33", lw=1)
     ax.set_xlabel("p50 latency, batch 1, 1 thread (ms)")
     ax.set_ylabel("held-out accuracy (%)")
