@@ -5,6 +5,7 @@ MatMuls with the sensitive ones listed), figures checked against the artefacts i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,35 @@ def test_static_int8_excludes_the_sensitive_matmuls_and_keeps_accuracy(quick, he
     assert 0 < len(notes["excluded"]) < notes["quantized_nodes"] // 2
     assert all(notes["activation_sqnr_db"][n] < notes["sensitive_threshold_db"] for n in notes["excluded"])
     assert static["size_bytes"] < rows["onnx"]["size_bytes"] * 0.85
+
+
+def test_installed_into_a_version_the_sentiment_model_serves_the_recommended_variant(quick, model_repository,
+                                                                                    tmp_path, heldout):
+    """The sentiment CPU path is the toolkit's install: `auto` picks the report's recommendation; the GPU variant
+    the build wrote stays; the loaded model's labels are the recommended artefact's."""
+    from mlplatform.config import load_config
+    from mlplatform.optimize.run import TOOLKIT_DIR, install
+    from mlplatform.repository import ModelRepository
+    from sentiment_service.model import SentimentModel
+
+    report, out = quick
+    src, dst = model_repository / "sentiment" / "1", tmp_path / "sentiment" / "1"
+    dst.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "encoder_config.json", "model.torchscript.pt"):
+        shutil.copyfile(src / name, dst / name)
+    install(report, out, dst)
+    config = load_config(dst / "config.json")
+    variants = config.runtime.options["variants"]
+    recommended = report["recommended"]["cpu"]["format"]
+    assert variants["torchscript_fp16"]["target"] == "gpu"  # the build's GPU variant is kept
+    assert variants[recommended]["inputs"] == ["input_ids", "attention_mask"]
+    assert variants[recommended]["outputs"] == ["probabilities"]
+    model = SentimentModel(ModelRepository(tmp_path).resolve("sentiment"))
+    assert (model.runtime_name, model.variant_choice.selection) == (recommended, "auto")
+    assert model.config.artifact == f"{TOOLKIT_DIR}/{report['formats'][recommended]['file']}"
+    model._load()
+    test = [e for e in build_model.load_examples() if e.split == "test"][:32]
+    got = model.infer({"text": np.array([e.text.encode() for e in test], dtype=object)})["probabilities"]
+    feeds, _ = heldout
+    want = run(out / report["formats"][recommended]["file"], feeds[:2])
+    np.testing.assert_allclose(got, want, atol=1e-5)
