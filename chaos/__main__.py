@@ -77,7 +77,8 @@ def run_soak(args: argparse.Namespace) -> int:
             result["rate_note"] = f"half the capacity of the mix measured by the ramp ({cap:g} req/s)"
         result["rate_rps"] = rate
         log(f"soak: {rate:g} req/s for {duration:g} s")
-        with soak.ProcessSampler(platform.processes, interval_s=args.sample_s) as sampler:
+        with soak.ProcessSampler(platform.processes, interval_s=args.sample_s,
+                                 extra=lambda: {"redis": soak.redis_figures(platform)}) as sampler:
             traffic = Traffic(f"127.0.0.1:{platform.gateway_port}", rate, duration, "soak", processes=1).start()
             res = traffic.join()
         result["samples"] = sampler.samples
@@ -102,7 +103,15 @@ def soak_markdown(r: dict[str, Any]) -> str:
              f"- **Duration:** {r['duration_s'] / 60:g} min, warm-up {r['warmup_s']:g} s excluded from the verdicts",
              f"- **Rate:** {r['rate_rps']:g} req/s ({r['rate_note']}); mix {r['mix']}",
              f"- **Requests:** {r['requests']}; outcomes {report.fmt_counts(r['outcomes'])}",
-             f"- **Restarts during the soak:** {r['restarts']}", ""]
+             f"- **Restarts during the soak:** {r['restarts']}"]
+    redis = [s["extra"]["redis"] for s in r["samples"] if "redis" in s.get("extra", {})]
+    if len(redis) >= 2:
+        first, last = redis[0], redis[-1]
+        lines.append(f"- **Redis's data:** keys {first['keys']} -> {last['keys']}, audit stream "
+                     f"{first['audit_len']} -> {last['audit_len']} entries, used memory "
+                     f"{first['used_memory'] / 2**20:.1f} -> {last['used_memory'] / 2**20:.1f} MiB, clients {first['connected_clients']} -> "
+                     f"{last['connected_clients']}")
+    lines.append("")
     for metric, label in (("rss_mb", "RSS MiB"), ("fds", "open fds"), ("tcp", "TCP connections")):
         rows = r["flat"][metric]
         ok = all(v["flat"] for v in rows.values() if not v["restarted"])

@@ -45,6 +45,8 @@ class ProcessSampler:
     pids: Any
     interval_s: float = 10.0
     samples: list[dict[str, Any]] = field(default_factory=list)
+    extra: Any = None
+    """Optional () -> dict sampled alongside (e.g. Redis's own figures), stored under `extra`."""
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -63,6 +65,11 @@ class ProcessSampler:
                 row["pid"][role] = pid
             except psutil.Error:
                 continue
+        if self.extra is not None:
+            try:
+                row["extra"] = self.extra()
+            except Exception as exc:  # a sample without it, never a failed soak
+                row["extra"] = {"error": f"{type(exc).__name__}: {exc}"}
         return row
 
     def _loop(self) -> None:
@@ -159,3 +166,12 @@ def capacity(platform: Platform, rates: list[float], step_s: float = 10.0) -> tu
         best = rate
         time.sleep(3)
     return best, steps
+
+
+def redis_figures(platform: Platform) -> dict[str, Any]:
+    """Redis's own view: keys, audit stream length, used memory (bytes), connected clients."""
+    info = dict(line.split(":", 1) for line in platform.redis_cli("INFO").splitlines() if ":" in line)
+    return {"keys": int(platform.redis_cli("DBSIZE") or 0),
+            "audit_len": int(platform.redis_cli("XLEN", "fraud:audit") or 0),
+            "used_memory": int(info.get("used_memory", "0").strip() or 0),
+            "connected_clients": int(info.get("connected_clients", "0").strip() or 0)}
