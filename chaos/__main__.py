@@ -107,10 +107,11 @@ def soak_markdown(r: dict[str, Any]) -> str:
     redis = [s["extra"]["redis"] for s in r["samples"] if "redis" in s.get("extra", {})]
     if len(redis) >= 2:
         first, last = redis[0], redis[-1]
+        mib = 2**20
         lines.append(f"- **Redis's data:** keys {first['keys']} -> {last['keys']}, audit stream "
                      f"{first['audit_len']} -> {last['audit_len']} entries, used memory "
-                     f"{first['used_memory'] / 2**20:.1f} -> {last['used_memory'] / 2**20:.1f} MiB, clients {first['connected_clients']} -> "
-                     f"{last['connected_clients']}")
+                     f"{first['used_memory'] / mib:.1f} -> {last['used_memory'] / mib:.1f} MiB, clients "
+                     f"{first['connected_clients']} -> {last['connected_clients']}")
     lines.append("")
     for metric, label in (("rss_mb", "RSS MiB"), ("fds", "open fds"), ("tcp", "TCP connections")):
         rows = r["flat"][metric]
