@@ -83,3 +83,22 @@ def test_p99_drift_and_windows() -> None:
     d = drift(rows, warmup_s=0)
     assert d["ratio"] == pytest.approx(3.0, abs=0.01) and not d["flat"]
     assert drift(rows[:1], 0) == {"flat": None}
+
+
+def test_process_sampler_reads_memory_descriptors_and_connections() -> None:
+    import os
+    import socket
+
+    from chaos.soak import ProcessSampler
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        sampler = ProcessSampler(lambda: {"me": os.getpid(), "gone": 2**22 + 1}, interval_s=60,
+                                 extra=lambda: {"n": 1})
+        row = sampler.sample()
+    assert row["rss_mb"]["me"] > 10 and row["fds"]["me"] >= 4 and row["tcp"]["me"] >= 1
+    assert "gone" not in row["rss_mb"]  # a process that does not exist is skipped, not an error
+    assert row["extra"] == {"n": 1}
+    failing = ProcessSampler(lambda: {}, extra=lambda: 1 / 0).sample()
+    assert failing["extra"]["error"].startswith("ZeroDivisionError")
