@@ -27,9 +27,10 @@ pytestmark = pytest.mark.integration
 
 PUBLISHED = ROOT / "docs" / "api" / "openapi.json"
 GENERATED = ROOT / "protos" / "gen" / "openapi.json"
-EXAMPLES = int(os.environ.get("OPENAPI_FUZZ_EXAMPLES", "20"))
-"""Examples per operation and mode (valid, invalid): a few hundred requests in all in `make test`; `make chaos`
-sets more (OPENAPI_FUZZ_EXAMPLES)."""
+EXAMPLES = int(os.environ.get("OPENAPI_FUZZ_EXAMPLES",
+                              "400" if os.environ.get("HYPOTHESIS_PROFILE") == "long" else "20"))
+"""Examples per operation and mode (valid, invalid): a few hundred requests in all in `make test`; twenty times
+more under `make chaos` (HYPOTHESIS_PROFILE=long, as tests/fuzz), or OPENAPI_FUZZ_EXAMPLES."""
 
 
 def test_published_document_is_current():
