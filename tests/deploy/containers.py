@@ -125,15 +125,16 @@ def grpc_predict(target: str, model: str, repository: Path, metadata: list[tuple
                 sentiment_pb2.PredictRequest(text=value), metadata=metadata, timeout=30)
             assert resp.prediction.label
             return resp.prediction.model_name
-    return oip_infer(target, model, value, metadata)
+    return oip_infer(target, model, value, metadata, ca)
 
 
-def oip_infer(target: str, model: str, features: list[float], metadata: list[tuple[str, str]] | None) -> str:
-    """ModelInfer with tritonclient (a client we did not write), FP32 [1, n]."""
+def oip_infer(target: str, model: str, features: list[float], metadata: list[tuple[str, str]] | None,
+              ca: bytes | None = None) -> str:
+    """ModelInfer with tritonclient (a client we did not write), FP32 [1, n]; over TLS trusting `ca` when given."""
     import numpy as np
     import tritonclient.grpc as tc
 
-    client = tc.InferenceServerClient(target)
+    client = tc.InferenceServerClient(target, creds=grpc.ssl_channel_credentials(ca) if ca else None)
     try:
         rows = np.asarray([features], np.float32)
         inp = tc.InferInput(client.get_model_metadata(model, headers=dict(metadata or [])).inputs[0].name,
