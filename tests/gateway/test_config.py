@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 import subprocess
@@ -198,7 +199,12 @@ def test_streaming_routes_have_no_overall_timeout(files_dir):
     stream = routes['{"path": "/fraud.v1.FraudService/StreamPredict"}']
     unary = routes['{"prefix": "/fraud.v1.FraudService/"}']
     assert stream["timeout"] == "0s" and stream["idle_timeout"] == "300s"
-    assert unary["timeout"] == "15s" and unary["retry_policy"]["per_try_timeout"] == "5s"
+    assert unary["timeout"] == "15s" and unary["retry_policy"]["per_try_timeout"] == "2s"
+    # Per service: the per-try timeout is how long a call stuck on a hung replica waits before its retry, and the
+    # deadline each attempt carries; sentiment's largest legal request takes longer than the others'.
+    per_try = {m["prefix"].strip("/").split(".")[0]: r["retry_policy"]["per_try_timeout"]
+               for m, r in ((json.loads(k), v) for k, v in routes.items()) if "prefix" in m and "retry_policy" in r}
+    assert per_try == {"fraud": "2s", "cnn": "2s", "sentiment": "4s", "inference": "2s"}, per_try
     assert "unavailable" in unary["retry_policy"]["retry_on"]
     # Overload refusals are never retried (it would multiply the load on an overloaded service).
     assert "resource-exhausted" not in unary["retry_policy"]["retry_on"]
@@ -239,9 +245,11 @@ def test_tracing_is_off_without_an_endpoint(files_dir, monkeypatch):
      "weight_percent"),
     ({"canary": {"header": "x-canary", "claim": "c", "host": "{name}-canary",
                  "routes": {"fraud": {"weight_percent": 5.5}}}}, "canary weight of fraud"),
+    ({"timeouts": {"per_try_s_by_service": {"frod": 3}}}, "timeouts.per_try_s_by_service names unknown services: "
+                                                           "['frod']"),
 ])
 def test_bad_values_are_refused_with_a_reason(files_dir, overrides, message):
-    with pytest.raises(render.GatewayConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(render.GatewayConfigError, match=re.escape(message)):
         render.render("local", {"files_dir": str(files_dir), **overrides})
 
 

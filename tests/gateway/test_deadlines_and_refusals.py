@@ -26,7 +26,7 @@ from tests.support.procs import GatewayProcess, free_port
 pytestmark = pytest.mark.integration
 
 ROUTE_TIMEOUT_S = 15  # variants/local.yaml timeouts.unary_s
-PER_TRY_TIMEOUT_S = 5  # timeouts.per_try_s
+PER_TRY_TIMEOUT_S = 2  # timeouts.per_try_s (fraud)
 RETRIES = 2  # retries.num
 
 

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
@@ -16,7 +17,13 @@ from mlplatform.batching import DynamicBatcher
 from mlplatform.breaker import Breaker
 from mlplatform.cache import LRUCache, row_key
 from mlplatform.config import ModelConfig
-from mlplatform.errors import DeadlineExpiredError, InferenceError, InvalidInputError, ModelNotReadyError
+from mlplatform.errors import (
+    DeadlineExpiredError,
+    InferenceError,
+    InvalidInputError,
+    ModelFailedError,
+    ModelNotReadyError,
+)
 from mlplatform.model import Model
 from mlplatform.pipeline import NOT_MODEL_FAILURES, Predictor
 from mlplatform.repository import ModelVersion
@@ -257,17 +264,23 @@ async def test_open_breaker_answers_by_fallback_without_calling_the_model(make_p
     assert len(predictor.cache) == 0  # type: ignore[arg-type]
 
 
-async def test_without_fallback_the_error_propagates(make_predictor):
+async def test_without_fallback_a_runtime_failure_is_a_retryable_refusal(make_predictor):
+    """UNAVAILABLE naming the model and the failure (not INTERNAL: the request was not served, retry it)."""
     predictor = await make_predictor(with_fallback=False, fail_max=2)
     model: SumModel = predictor.model  # type: ignore[assignment]
     model.failing = True
 
     for _ in range(2):
-        with pytest.raises(InferenceError, match="RuntimeError: runtime crashed"):
+        with pytest.raises(ModelFailedError) as err:
             await predictor.predict({"x": rows(1, 2)})
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.retry_after_s == 1
+        assert err.value.message == (f"model {model.name} v2 failed on this request (inference failed: RuntimeError: "
+                                     "runtime crashed); it was not served, retry it")
+        assert isinstance(err.value.__cause__, InferenceError)
     assert predictor.breaker.state == "open"
-    with pytest.raises(ModelNotReadyError, match="no fallback"):
+    with pytest.raises(ModelNotReadyError, match="no fallback") as open_err:
         await predictor.predict({"x": rows(1, 2)})
+    assert open_err.value.code == grpc.StatusCode.UNAVAILABLE
     assert len(model.calls) == 2
     assert len(predictor.cache) == 0  # type: ignore[arg-type]
 

@@ -105,6 +105,12 @@ def _service_entries(values: dict[str, Any]) -> list[dict[str, Any]]:
     unknown = [m for m in method_limits if not any(m.startswith(e["grpc_service"] + "/") for e in entries)]
     if unknown:
         raise GatewayConfigError(f"rate_limit.methods names unknown services: {unknown}")
+    per_try = values["timeouts"].get("per_try_s_by_service") or {}
+    unknown = sorted(set(per_try) - {e["name"] for e in entries})
+    if unknown:
+        raise GatewayConfigError(f"timeouts.per_try_s_by_service names unknown services: {unknown}")
+    for entry in entries:
+        entry["per_try_s"] = per_try.get(entry["name"], values["timeouts"]["per_try_s"])
     return entries
 
 

@@ -69,6 +69,17 @@ class InferenceError(ServingError):
     code = grpc.StatusCode.INTERNAL
 
 
+class ModelFailedError(ServingError):
+    """The model's runtime failed while serving this request and the model has no fallback.
+
+    UNAVAILABLE, not INTERNAL: the request was not served, and it may be retried, on another replica (the
+    gateway does so at once) or later, once the model's breaker has probed it healthy again. A client can tell
+    this refusal from a bug in the service.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 RETRY_AFTER = "retry-after"
 """Trailing metadata key of a refusal's retry hint, in whole seconds (HTTP `Retry-After` semantics)."""
 

@@ -10,8 +10,9 @@ file sets for the call's model (or for `"*"`, every model):
 - `delay_ms`: extra latency per runtime call; `delay_factor`: the call takes that many times its own time
   (10: "the model slowed 10x"). Both hold the runtime thread, as a slow runtime would.
 - `error_rate`: the share of runtime calls that raise `FaultInjectedError` instead of running. The batcher turns
-  it into the request's `InferenceError` (gRPC INTERNAL), the breaker counts it (once open: UNAVAILABLE), and a
-  model with a fallback (fraud) answers with its fallback, exactly as for a real runtime failure.
+  it into the request's `InferenceError`, the breaker counts it, and a model with a fallback (fraud) answers with
+  its fallback; one without refuses with UNAVAILABLE (`ModelFailedError`, then the breaker's), exactly as for a
+  real runtime failure.
 - `until`: Unix time after which the fault no longer applies (null: until the file changes).
 
 The file is re-read when it changes (checked at most every `POLL_S` seconds); a missing file means no fault, an

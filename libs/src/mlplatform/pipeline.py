@@ -2,7 +2,9 @@
 
 cache lookup (per row) -> batcher (queue, coalesce, deadline) under the model's
 circuit breaker -> fallback when the model fails or the breaker is open ->
-cache store. Each step is a span of the request's trace.
+cache store. Each step is a span of the request's trace. A model with no fallback
+refuses with UNAVAILABLE when its runtime fails (`ModelFailedError`) or its breaker
+is open (`ModelNotReadyError`): not served, retryable elsewhere or later.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from mlplatform.breaker import Breaker, BreakerOpenError
 from mlplatform.errors import (
     DeadlineExpiredError,
     InvalidInputError,
+    ModelFailedError,
     ModelNotReadyError,
     NotFoundError,
     QueueFullError,
+    ServingError,
 )
 from mlplatform.model import Model
 
@@ -153,7 +157,9 @@ class Predictor:
             if outputs is None:
                 if isinstance(exc, BreakerOpenError):
                     raise ModelNotReadyError(f"model {self.model.name} is failing ({exc}); no fallback") from exc
-                raise
+                raise ModelFailedError(
+                    f"model {self.model.name} v{self.model.version} failed on this request ({_reason(exc)}); "
+                    "it was not served, retry it", retry_after_s=1) from exc
             log.warning("model %s v%s unavailable (%s); answered by fallback", self.model.name,
                         self.model.version, exc)
             metrics.FALLBACKS.labels(model=self.model.name, version=self.model.version).inc(
@@ -165,6 +171,11 @@ class Predictor:
             "model.name": self.model.name, "model.version": self.model.version, "batch.size": t.batch_rows,
             "batch.rows": t.batch_rows})
         return result.outputs, False
+
+
+def _reason(exc: BaseException) -> str:
+    """The runtime failure in a refusal's message: a ServingError's own message, else the exception's type."""
+    return exc.message if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
 
 
 def _merge(rows: int, miss: list[int], computed: Tensors, cached_rows: dict[int, Tensors]) -> Tensors:
