@@ -78,6 +78,13 @@ def cmd_render(args: argparse.Namespace) -> int:
                 # The certificate comes from a mount (compose) or a Secret (Kubernetes): check with a dev one.
                 certs = tls.ensure_dev_tls(Path(tmp))
                 check_overrides["tls"] = {**tls_cfg, "dir": str(certs.directory)}
+            upstream_tls = check["upstreams"].get("tls") or {}
+            if upstream_tls.get("enabled") and not (
+                    Path(upstream_tls.get("dir") or files / "upstream-tls") / tls.CERT_FILE).exists():
+                # The gateway's client certificate comes from a Secret too: check with the dev one.
+                mtls = tls.ensure_dev_mtls(Path(tmp), list(render.load_services()))
+                check_overrides["upstreams"] = {**check_overrides.get("upstreams", {}),
+                                                "tls": {**upstream_tls, "dir": str(mtls.gateway.directory)}}
             text_for_check = render.render(args.variant, check_overrides) if check_overrides != overrides else text
             path = Path(tmp) / "envoy.yaml"
             path.write_text(text_for_check)
@@ -99,6 +106,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(f"dev signing key: {args.key_dir / auth.PRIVATE_KEY_FILE} (kid {key.kid}); JWKS: {key.jwks_path}")
     certs = tls.ensure_dev_tls(args.key_dir)
     print(f"dev TLS: {certs.cert} (+ {certs.key.name}), signed by the dev CA {certs.ca}")
+    mtls = tls.ensure_dev_mtls(args.key_dir, list(render.load_services()))
+    print(f"dev mTLS (gateway -> services, MTLS=1): client {mtls.gateway.cert}, services {mtls.services.cert}, "
+          f"internal CA {mtls.services.ca}")
     return 0
 
 

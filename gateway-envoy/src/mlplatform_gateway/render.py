@@ -214,12 +214,28 @@ def _render(values: dict[str, Any], routes_only: bool = False, origin: str = "")
         raise GatewayConfigError(f"tls.plain_http must be redirect or off, got {tls.get('plain_http')!r}")
     tls_dir = tls.get("dir") or f"{values['files_dir']}/tls"
     context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values),
-               "tls": tls, "tls_dir": tls_dir}
+               "tls": tls, "tls_dir": tls_dir, "upstream_tls": _upstream_tls(values)}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(_package_text("envoy.yaml.j2")).render(
         **context, routes_only=routes_only, routes_origin=f" ({origin})" if origin else "")
     yaml.safe_load(text)  # a template mistake fails here, with a line number, before Envoy sees it
     return text
+
+
+def _upstream_tls(values: dict[str, Any]) -> dict[str, Any]:
+    """`upstreams.tls`: mutual TLS from the gateway to the services; `dir` holds the gateway's client certificate
+    (tls.crt, tls.key) and the internal CA (ca.crt), by default `<files_dir>/upstream-tls`."""
+    upstreams = values["upstreams"]
+    cfg = upstreams.get("tls") or {}
+    if not cfg.get("enabled"):
+        return {"enabled": False}
+    if upstreams.get("host_rewrite"):
+        raise GatewayConfigError("upstreams.tls cannot be combined with upstreams.host_rewrite: KServe's predictors "
+                                 "sit behind Knative, whose ingress or mesh owns transport security")
+    directory = str(cfg.get("dir") or f"{values['files_dir']}/upstream-tls")
+    if not directory.startswith("/"):
+        raise GatewayConfigError(f"upstreams.tls.dir must be an absolute path, got {directory!r}")
+    return {"enabled": True, "dir": directory}
 
 
 def envoy_binary() -> str:

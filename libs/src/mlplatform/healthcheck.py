@@ -2,9 +2,9 @@
 
 The container images' HEALTHCHECK. The port is the one the service itself binds: its settings
 class (the `ServiceSettings` subclass in `<module>.settings`) read from the same environment,
-so `FRAUD_GRPC_PORT=...` moves both. Asks grpc.health.v1 for the overall status (service "")
-or, with `--service`, for one typed service. Exit codes: 0 SERVING, 1 anything else (the
-reason on stderr), 2 bad arguments.
+so `FRAUD_GRPC_PORT=...` moves both; with TLS on the gRPC port, its plaintext `HEALTH_PORT`.
+Asks grpc.health.v1 for the overall status (service "") or, with `--service`, for one typed
+service. Exit codes: 0 SERVING, 1 anything else (the reason on stderr), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -54,7 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, ValueError, SettingsError) as exc:
         print(f"healthcheck: {exc}", file=sys.stderr)
         return 2
-    address = f"127.0.0.1:{settings.grpc_port}"
+    if settings.health_port:  # beside a TLS gRPC port: health alone, in plaintext
+        address = f"127.0.0.1:{settings.health_port}"
+    elif settings.tls:
+        print(f"healthcheck: {args.module}'s gRPC port serves TLS: set its HEALTH_PORT (a plaintext port for "
+              "grpc.health.v1 alone) to check it", file=sys.stderr)
+        return 2
+    else:
+        address = f"127.0.0.1:{settings.grpc_port}"
     serving, status = check(address, args.service, args.timeout)
     print(f"healthcheck: {args.module} at {address} ({args.service or 'overall'}): {status}",
           file=sys.stdout if serving else sys.stderr)

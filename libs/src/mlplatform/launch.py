@@ -87,6 +87,9 @@ class ServiceProcess:
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    health_port: int | None = None
+    """A plaintext health-only port (`<PREFIX>HEALTH_PORT`, for a service whose gRPC port serves TLS): health
+    checks go there."""
 
     @property
     def target(self) -> str:
@@ -100,6 +103,8 @@ class ServiceProcess:
             f"{self.env_prefix}HOST": "127.0.0.1",
             "PYTHONUNBUFFERED": "1",
         })
+        if self.health_port is not None:
+            env[f"{self.env_prefix}HEALTH_PORT"] = str(self.health_port)
         env.update(self.env)
         fd, name = tempfile.mkstemp(prefix=f"{self.module}-", suffix=".log")
         os.close(fd)
@@ -117,7 +122,7 @@ class ServiceProcess:
 
     def health(self, service: str = "", timeout: float = 1.0) -> int:
         """The grpc.health.v1 status (SERVING=1, NOT_SERVING=2); raises grpc.RpcError when unreachable."""
-        with grpc.insecure_channel(self.target) as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{self.health_port or self.port}") as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
                                                          timeout=timeout)
             return resp.status

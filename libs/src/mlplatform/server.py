@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mlplatform import metrics, tracing
+from mlplatform import metrics, server_tls, tracing
 from mlplatform.batching import DynamicBatcher
 from mlplatform.breaker import Breaker
 from mlplatform.cache import LRUCache, PredictionCache, RedisCache
@@ -136,6 +136,9 @@ class ModelServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.health_server: grpc.aio.Server | None = None
+        """grpc.health.v1 alone on a plaintext port (`health_port`), beside a TLS gRPC port."""
+        self.health_port = 0
         self.metrics_port = 0
         self._stopping = asyncio.Event()
         self.draining = False
@@ -197,14 +200,28 @@ class ModelServer:
              health.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert_file is not None and s.tls_key_file is not None:
+            credentials = server_tls.server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise RuntimeError(f"could not bind {s.host}:{s.grpc_port}")
+            raise RuntimeError(f"could not bind {address}")
+        if s.health_port is not None:
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind the health port {s.host}:{s.health_port}")
+            await self.health_server.start()
         await self.server.start()
         self.metrics_port = metrics.start_metrics_server(s.metrics_port, s.host)
-        log.info("%s: gRPC listening on %s:%d (NOT_SERVING until warm-up), cache=%s, model control mode %s",
-                 self.spec.name, s.host, self.port, self.cache.backend if self.cache is not None else "off",
-                 s.model_control_mode)
+        log.info("%s: gRPC listening on %s:%d%s (NOT_SERVING until warm-up), cache=%s, model control mode %s%s",
+                 self.spec.name, s.host, self.port,
+                 (" with mutual TLS" if s.tls_client_ca_file else " with TLS") if s.tls else "",
+                 self.cache.backend if self.cache is not None else "off", s.model_control_mode,
+                 f"; health alone on plaintext port {self.health_port}" if self.health_server else "")
         for name in self.names:
             await self.manager.load(name)
         freeze_heap()
@@ -252,6 +269,8 @@ class ModelServer:
             await asyncio.sleep(s.drain_delay_s)
         if self.server is not None:
             await self.server.stop(s.grace_period_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for task in list(self._background):
             task.cancel()
         await self.manager.close()

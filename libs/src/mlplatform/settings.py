@@ -53,6 +53,17 @@ class ServiceSettings(BaseSettings):
     """Poll interval of the model repository in `poll` mode."""
     models: str = Field("", pattern=r"^[A-Za-z0-9_.,-]*$")
     """Models this process serves, comma-separated (the generic model service); empty: `model_name`."""
+    tls_cert_file: Path | None = None
+    """Server certificate chain (PEM): set, the gRPC port serves TLS only, with `tls_key_file`. The files are
+    re-read when they change (a renewed certificate, no restart)."""
+    tls_key_file: Path | None = None
+    """Private key (PEM) of `tls_cert_file`."""
+    tls_client_ca_file: Path | None = None
+    """CA certificates (PEM) a client's certificate must chain to: set, the gRPC port requires one (mutual TLS:
+    only the gateway, or a caller holding a certificate of the internal CA, reaches the model)."""
+    health_port: int | None = Field(None, ge=0, le=65535)
+    """A plaintext port serving grpc.health.v1 alone, beside a TLS gRPC port (Kubernetes' gRPC probes and the
+    container HEALTHCHECK cannot present a client certificate); unset: none."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Maximum gRPC message size, received and sent (gRPC's default is 4 MiB)."""
     grace_period_s: float = Field(10.0, ge=0)
@@ -108,9 +119,30 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:
-        if self.grpc_port and self.grpc_port == self.metrics_port:
-            raise ValueError(f"grpc_port and metrics_port are both {self.grpc_port}")
+        ports = [(name, port) for name, port in (("grpc_port", self.grpc_port), ("metrics_port", self.metrics_port),
+                                                 ("health_port", self.health_port)) if port]
+        for i, (name, port) in enumerate(ports):
+            for other, other_port in ports[i + 1:]:
+                if port == other_port:
+                    raise ValueError(f"{name} and {other} are both {port}")
         return self
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs the server's own tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port serves TLS."""
+        return self.tls_cert_file is not None
 
 
 S = TypeVar("S", bound=ServiceSettings)
