@@ -1,0 +1,89 @@
+"""Mutual TLS from the gateway to a service (`upstreams.tls`), through the real Envoy to a real fraud service
+that requires a client certificate: REST and gRPC are served, the health checks pass over TLS; a gateway with a
+client certificate of another CA, or facing a service whose certificate names another service, sends nothing
+(its health checks fail: 503, a clear refusal)."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from fraud.v1 import fraud_pb2 as pb
+from fraud.v1 import fraud_pb2_grpc as rpc
+from mlplatform_gateway import tls
+from mlplatform_gateway.local import host_statuses
+
+from tests.fraud.helpers import tx
+from tests.gateway.helpers import bearer, post
+from tests.support.mtls import mtls_fraud
+from tests.support.procs import GatewayProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def material(signing_key) -> tls.DevMtls:
+    return tls.ensure_dev_mtls(signing_key.directory, ["fraud"])
+
+
+@pytest.fixture(scope="module")
+def service(model_repository, material):
+    svc = mtls_fraud(model_repository, material.services).start()
+    yield svc
+    svc.stop()
+
+
+def gateway_to(service, signing_key, client: tls.TlsFiles) -> GatewayProcess:
+    return GatewayProcess({"fraud": [service.target]}, signing_key.jwks_path,
+                          {"upstreams": {"tls": {"enabled": True, "dir": str(client.directory)}}}).start()
+
+
+def test_rest_and_grpc_reach_a_service_that_requires_the_gateways_certificate(service, signing_key, material,
+                                                                               token, fraud_features):
+    gw = gateway_to(service, signing_key, material.gateway)
+    try:
+        resp = post(gw, "/api/v1/fraud", {"transaction": {"transaction_id": "rest-mtls",
+                                                           "features": fraud_features[0]}}, token=token())
+        assert resp.status == 200, resp.body
+        prediction = resp.json()["prediction"]
+        assert prediction["transaction_id"] == "rest-mtls" and prediction["model_name"] == "fraud"
+        with grpc.insecure_channel(gw.target) as channel:
+            reply = rpc.FraudServiceStub(channel).Predict(
+                pb.PredictRequest(transaction=tx(fraud_features[0], "grpc-mtls")), metadata=bearer(token()),
+                timeout=10)
+        assert reply.prediction.transaction_id == "grpc-mtls"
+        # The same answer as REST's for the same row: one model behind both.
+        assert reply.prediction.fraud_probability == pytest.approx(prediction["fraud_probability"], abs=1e-6)
+        assert gw.healthy_hosts("fraud") == 1
+        config = json.dumps(gw.render())
+        assert "UpstreamTlsContext" in config and str(material.gateway.cert) in config
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize("mismatch", ["client certificate of another CA", "service certificate naming another"])
+def test_a_gateway_that_cannot_verify_or_be_verified_sends_nothing(service, signing_key, token, fraud_features,
+                                                                   tmp_path, mismatch):
+    if mismatch == "client certificate of another CA":
+        client = tls.ensure_dev_mtls(tmp_path, ["fraud"]).gateway  # the service does not trust it
+    else:
+        # The service trusts this CA's clients, but the gateway (its CA) would need a certificate naming
+        # "fraud": a service certificate of the same CA naming only "cnn" is presented instead.
+        other = tls.ensure_dev_mtls(tmp_path, ["cnn"])
+        client = other.gateway
+        service = mtls_fraud(service.env["FRAUD_MODEL_REPOSITORY"], other.services).start()
+    gw = GatewayProcess({"fraud": [service.target]}, signing_key.jwks_path,
+                        {"upstreams": {"tls": {"enabled": True, "dir": str(client.directory)}}})
+    try:
+        with pytest.raises(TimeoutError):  # a few health checks (1 s apart), none passes
+            gw.start(timeout=4)
+        [status] = [s for (cluster, _), s in host_statuses(gw.admin_port).items() if cluster == "fraud"]
+        assert "failed_active_hc" in status.health_flags, status
+        resp = post(gw, "/api/v1/fraud", {"transaction": {"transaction_id": "x", "features": fraud_features[0]}},
+                    token=token())
+        assert resp.status == 503, resp.body
+    finally:
+        gw.stop()
+        if mismatch != "client certificate of another CA":
+            service.stop()
