@@ -7,6 +7,10 @@ starts N processes per service behind the gateway's health-checked cluster; `--s
 those. Gateway: `GATEWAY_PORT` (8080) and `GATEWAY_ADMIN_PORT` (9901, loopback); its JSON access log goes to
 .run/gateway/access.log.
 
+`TLS=1` (--tls): the gateway serves HTTPS and gRPC over TLS with the dev certificate. `MTLS=1` (--mtls): mutual
+TLS from the gateway to the services with the dev internal CA (`keys` makes both); a service's own port then
+wants a client certificate, and its health alone answers in plaintext on the port + 50.
+
 `OBSERVABILITY=1` (--observability) also starts Debian's Prometheus (`prometheus`, from `make system-deps`) on
 PROMETHEUS_PORT (9090, loopback): monitoring/prometheus.yml's jobs scraping every service slot's metrics port and
 Envoy's /stats/prometheus on the admin port, with monitoring/alerts.yaml's rules loaded (scripts/observability.py).
@@ -65,6 +69,8 @@ CONTROL_SOCKET = ROOT / ".run" / "supervisor.sock"
 SLOT_STRIDE = 100
 """Slot i of a service listens on its ports + SLOT_STRIDE·i."""
 SERVICE_START_TIMEOUT_S = 180.0
+HEALTH_PORT_OFFSET = 50
+"""With MTLS=1, a replica's plaintext health-only port is its gRPC port + HEALTH_PORT_OFFSET."""
 GATEWAY_ROUTES_TIMEOUT_S = 30.0
 """How long a rollout waits for the gateway to mark the new replica healthy."""
 DRAIN_TIMEOUT_S = 30.0
@@ -120,10 +126,13 @@ class Stack:
     """The processes of one make run: Redis (when started here), each service's replicas, the gateway."""
 
     def __init__(self, repo: Path, services: list[Service], replicas: int, gateway_port: int,
-                 admin_port: int, tls: bool = False) -> None:
+                 admin_port: int, tls: bool = False, mtls: bool = False) -> None:
         self.repo = repo
         self.tls = tls
         """The gateway serves TLS (REST over https, gRPC over TLS) with the dev certificate (TLS=1)."""
+        self.mtls = gateway_tls.ensure_dev_mtls(gateway.DEFAULT_KEY_DIR, [svc.name for svc in services]) \
+            if mtls else None
+        """Mutual TLS from the gateway to the services (MTLS=1): the dev internal CA's certificates."""
         self.groups = {svc.name: ServiceSlots(svc, [None] * (replicas + 1)) for svc in services}
         self.gateway_port, self.admin_port = gateway_port, admin_port
         self.stopping = threading.Event()
@@ -183,8 +192,14 @@ class Stack:
         env.setdefault(f"{p}DRAIN_DELAY_S", "2")
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
+        health_port = port
+        if self.mtls is not None:  # TLS only on the gRPC port, a client certificate required; health beside it
+            health_port = port + HEALTH_PORT_OFFSET
+            env.update({f"{p}TLS_CERT_FILE": str(self.mtls.services.cert),
+                        f"{p}TLS_KEY_FILE": str(self.mtls.services.key),
+                        f"{p}TLS_CLIENT_CA_FILE": str(self.mtls.services.ca), f"{p}HEALTH_PORT": str(health_port)})
         return Supervised(group.name(slot), [PY, "-m", svc.module], env=env, cwd=ROOT,
-                          ready=lambda: grpc_serving(port), ready_message=f"SERVING on 127.0.0.1:{port}",
+                          ready=lambda: grpc_serving(health_port), ready_message=f"SERVING on 127.0.0.1:{port}",
                           halt=self.stopping)
 
     def start_replica(self, group: ServiceSlots, slot: int) -> Supervised:
@@ -210,7 +225,9 @@ class Stack:
         path = files / "envoy.yaml"
         endpoints = {name: group.endpoints() for name, group in self.groups.items()}
         certs = gateway_tls.ensure_dev_tls(gateway.DEFAULT_KEY_DIR) if self.tls else None
-        overrides = {"tls": {"enabled": True, "dir": str(certs.directory)}} if certs else None
+        overrides: dict[str, Any] = {"tls": {"enabled": True, "dir": str(certs.directory)}} if certs else {}
+        if self.mtls is not None:
+            overrides["upstreams"] = {"tls": {"enabled": True, "dir": str(self.mtls.gateway.directory)}}
         path.write_text(gateway.render_local(files, self.gateway_port, self.admin_port, endpoints,
                                              files / "access.log", overrides))
         self.gateway = Supervised("gateway", gateway.envoy_command(path, drain_time_s=gateway.DRAIN_TIME_S), cwd=ROOT,
@@ -514,6 +531,20 @@ def tls_usage(text: str, gateway_port: int) -> str:
     return "\n".join(lines) + "\n" + f"  # TLS: the dev CA is {ca}; plaintext http:// to the gateway gets a redirect.\n"
 
 
+def mtls_usage(material: gateway_tls.DevMtls, services: list[Service]) -> str:
+    """What changes with MTLS=1: the services' own ports want a client certificate of the internal CA."""
+    first = services[0]
+    return f"""
+
+  # mTLS (MTLS=1): the gateway presents {material.gateway.cert} to the services, whose ports now serve TLS
+  # only and require a client certificate of the dev internal CA ({material.services.ca}); calls through the
+  # gateway are unchanged. Straight to a service (health alone, plaintext, on its port + {HEALTH_PORT_OFFSET}):
+  grpcurl -cacert {material.services.ca} -cert {material.gateway.cert} -key {material.gateway.key} \\
+    -servername {first.name} 127.0.0.1:{first.grpc_port} list
+  grpcurl -plaintext 127.0.0.1:{first.grpc_port + HEALTH_PORT_OFFSET} grpc.health.v1.Health/Check
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
@@ -533,13 +564,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prometheus-port", type=int, default=int(os.environ.get("PROMETHEUS_PORT", "9090")))
     parser.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "") not in ("", "0", "false"),
                         help="the gateway serves TLS with the dev certificate (TLS=1); plaintext is redirected")
+    parser.add_argument("--mtls", action="store_true", default=os.environ.get("MTLS", "") not in ("", "0", "false"),
+                        help="mutual TLS from the gateway to the services with the dev internal CA (MTLS=1)")
     parser.add_argument("--no-wait", action="store_true", help="exit once everything is healthy (for smoke tests)")
     args = parser.parse_args(argv)
     if args.replicas < 1:
         parser.error("--replicas must be at least 1")
     services = selected_services(args.services)
     stack = Stack(args.model_repository, services, args.replicas, args.gateway_port, args.gateway_admin_port,
-                  tls=args.tls)
+                  tls=args.tls, mtls=args.mtls)
 
     def stop(*_: object) -> None:
         stack.stopping.set()
@@ -559,7 +592,12 @@ def main(argv: list[str] | None = None) -> int:
         stack.up.set()
         text = usage(args.model_repository, {svc.name: svc for svc in services}, args.gateway_port,
                      args.gateway_admin_port)
-        print(tls_usage(text, args.gateway_port) if args.tls else text, flush=True)
+        text = tls_usage(text, args.gateway_port) if args.tls else text
+        if stack.mtls is not None:  # before the closing "Press Ctrl-C" line
+            head, sep, tail = text.rpartition("\nPress Ctrl-C")
+            text = head + mtls_usage(stack.mtls, services) + sep + tail if sep else text + mtls_usage(
+                stack.mtls, services)
+        print(text, flush=True)
         while not stack.stopping.is_set() and not args.no_wait:
             time.sleep(0.2)
         return 0

@@ -165,3 +165,54 @@ def test_tls_run_prints_https_calls_that_work(model_repository, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert "stopped." in out
+
+
+def test_mtls_run_puts_mutual_tls_between_the_gateway_and_the_services(model_repository, tmp_path):
+    """`MTLS=1 make run`: the printed curl through the gateway answers; the service's own port refuses a
+    plaintext client, and its health answers in plaintext on the port + 50 (what the supervisor checks)."""
+    import grpc
+    from fraud.v1 import fraud_pb2 as pb
+    from fraud.v1 import fraud_pb2_grpc as rpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc_port = free_port()
+    while not _free(grpc_port + 50):  # the health port beside it
+        grpc_port = free_port()
+    env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(free_port()),
+           "GATEWAY_PORT": str(free_port()), "GATEWAY_ADMIN_PORT": str(free_port()), "PYTHONUNBUFFERED": "1",
+           "MTLS": "1", "RUN_CONTROL_SOCKET": str(tmp_path / "run.sock")}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
+         "--redis-port", str(free_port()), "--services", "fraud"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        text = read_until_ready(proc, 180)
+        assert "The platform is up" in text, text
+        assert "# mTLS (MTLS=1)" in text and f"127.0.0.1:{grpc_port + 50} grpc.health.v1.Health/Check" in text
+        call = re.search(r"  (curl -s http://\S+/api/v1/fraud .*?\}')\n", text, re.S)
+        assert call, text
+        done = subprocess.run(["bash", "-c", f"{curl_token(text)}\n{call.group(1)}"], capture_output=True, text=True,
+                              timeout=30)
+        assert json.loads(done.stdout)["prediction"]["model_name"] == "fraud", done.stdout + done.stderr
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                rpc.FraudServiceStub(channel).Predict(pb.PredictRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port + 50}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert "stopped." in out
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
