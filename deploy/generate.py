@@ -12,6 +12,9 @@ Outputs (committed, so `kubectl kustomize k8s/overlays/<name>` works without Pyt
   k8s/components/canary/<name>.yaml    Argo Rollout (workloadRef, Gateway API plugin) + HTTPRoute +
                                        AnalysisTemplate per service; the gateway's route-sync sidecar
   k8s/cluster/argo-rollouts/           the Gateway API plugin's registration and RBAC (cluster admin)
+  k8s/components/mtls/                 mutual TLS gateway -> services (prod): cert-manager internal CA and
+                                       certificates, the services' TLS settings, health port and probes,
+                                       the gateway's client certificate and its Envoy config with upstreams.tls
   k8s/overlays/prod/...                GPU pool / guaranteed QoS patches, prod gateway config
   k8s/overlays/kserve/...              InferenceService per model, gateway config for KServe, and
                                        knative-features.yaml (the Knative flags the predictors need)
@@ -303,6 +306,13 @@ ROUTES_FILE = "/run/gateway-routes/routes.yaml"
 """Envoy's routes in the prod gateway pod: written by the route-sync sidecar, read by Envoy (file-based RDS)."""
 PROD_GATEWAY = render.deep_merge(PROD_JWKS, {"canary": {"routes_file": ROUTES_FILE}})
 """The prod gateway's values over the k8s variant (the ConfigMap's values.yaml: route-sync renders with them)."""
+GATEWAY_UPSTREAM_TLS_DIR = "/etc/envoy/upstream-tls"
+"""Where the gateway pod mounts its client certificate for mutual TLS to the services (the Secret
+`gateway-upstream-tls`: tls.crt, tls.key and the internal CA as ca.crt), Envoy's `upstreams.tls.dir`."""
+PROD_MTLS_GATEWAY = render.deep_merge(PROD_GATEWAY, {"upstreams": {"tls": {"enabled": True,
+                                                                         "dir": GATEWAY_UPSTREAM_TLS_DIR}}})
+"""The prod gateway's values with the mtls component: PROD_GATEWAY plus `upstreams.tls` (that component's
+ConfigMap keys envoy.yaml and values.yaml replace the prod overlay's, so dropping it restores plaintext)."""
 
 
 def http_route(cfg: dict[str, Any], name: str, svc: dict[str, Any]) -> dict[str, Any]:
@@ -363,6 +373,129 @@ def route_sync_objects(cfg: dict[str, Any]) -> list[dict[str, Any]]:
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "gateway-route-sync"},
                "subjects": [{"kind": "ServiceAccount", "name": "gateway", "namespace": cfg["namespace"]}]}
     return [patch, role, binding]
+
+
+MTLS_DIR = "/etc/mlplatform/tls"
+"""Where a model service's pod mounts its certificate Secret (tls.crt, tls.key, ca.crt = the internal CA)."""
+HEALTH_PORT_OFFSET = 50
+"""A service's plaintext health-only port (`<PREFIX>HEALTH_PORT`, for the kubelet's gRPC probes, which cannot do
+TLS) is its gRPC port + 50: fraud 50101, cnn 50102, sentiment 50103, generic 50104."""
+INTERNAL_CA = "mlplatform-internal-ca"
+"""The internal CA: its Certificate, its Secret and the namespaced CA Issuer that signs from that Secret."""
+INTERNAL_CA_BOOTSTRAP = "mlplatform-internal-selfsigned"
+"""The self-signed Issuer that issues the internal CA's certificate, and nothing else."""
+GATEWAY_UPSTREAM_SECRET = "gateway-upstream-tls"
+# Leaf certificates: 90 days, renewed 30 days before expiry (as the gateway's own certificate). The services
+# re-read a renewed Secret; Envoy reads its client certificate at start, so it has those 30 days to restart.
+LEAF_DURATION, LEAF_RENEW_BEFORE = "2160h", "720h"
+# The internal CA: 5 years, renewed 1 year before, keeping its key (below).
+CA_DURATION, CA_RENEW_BEFORE = "43800h", "8760h"
+
+
+def health_port(svc: dict[str, Any]) -> int:
+    return svc["grpc_port"] + HEALTH_PORT_OFFSET
+
+
+def mtls_secret(name: str) -> str:
+    """The Secret cert-manager writes a model service's certificate into."""
+    return f"{name}-grpc-tls"
+
+
+def mtls_env(svc: dict[str, Any]) -> dict[str, str]:
+    """The service's TLS settings: its certificate and key, the CA clients' certificates must chain to (mutual
+    TLS: only holders of an internal-CA certificate, i.e. the gateway, get through), the plaintext health port."""
+    p = svc["env_prefix"]
+    return {f"{p}TLS_CERT_FILE": f"{MTLS_DIR}/tls.crt", f"{p}TLS_KEY_FILE": f"{MTLS_DIR}/tls.key",
+            f"{p}TLS_CLIENT_CA_FILE": f"{MTLS_DIR}/ca.crt", f"{p}HEALTH_PORT": str(health_port(svc))}
+
+
+def mtls_dns_names(cfg: dict[str, Any], name: str) -> list[str]:
+    """A service's certificate names: its name (the SNI and SAN the gateway sends and verifies) and its
+    in-cluster Service names."""
+    ns = cfg["namespace"]
+    return [name, f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"]
+
+
+def mtls_certificates(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """cert-manager, namespaced only: a self-signed Issuer bootstraps the internal CA's Certificate (ECDSA, its own
+    Secret), a CA Issuer signs from that Secret: one server Certificate per service, the gateway's client one."""
+    ca_labels = labels(INTERNAL_CA, "internal-ca")
+    issuer_ref = {"group": "cert-manager.io", "kind": "Issuer", "name": INTERNAL_CA}
+    leaf_key = {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"}
+
+    def leaf(name: str, lab: dict[str, str], secret: str, names: list[str], usage: str) -> dict[str, Any]:
+        return {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": {"name": secret, "labels": lab},
+                "spec": {"secretName": secret, "issuerRef": issuer_ref, "commonName": name, "dnsNames": names,
+                         "duration": LEAF_DURATION, "renewBefore": LEAF_RENEW_BEFORE, "privateKey": leaf_key,
+                         "usages": [usage, "digital signature"]}}
+
+    return [
+        {"apiVersion": "cert-manager.io/v1", "kind": "Issuer",
+         "metadata": {"name": INTERNAL_CA_BOOTSTRAP, "labels": ca_labels}, "spec": {"selfSigned": {}}},
+        {"apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+         "metadata": {"name": INTERNAL_CA, "labels": ca_labels},
+         "spec": {"isCA": True, "commonName": "mlplatform internal CA", "secretName": INTERNAL_CA,
+                  "issuerRef": {"group": "cert-manager.io", "kind": "Issuer", "name": INTERNAL_CA_BOOTSTRAP},
+                  "duration": CA_DURATION, "renewBefore": CA_RENEW_BEFORE,
+                  # Renewed with the same key: certificates it signed still chain to the renewed CA certificate,
+                  # and every ca.crt copy (the services', the gateway's) stays valid. A new CA key is a manual
+                  # rotation (docs/runbooks/deploy.md).
+                  "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Never"},
+                  "usages": ["cert sign", "crl sign", "digital signature"]}},
+        {"apiVersion": "cert-manager.io/v1", "kind": "Issuer", "metadata": {"name": INTERNAL_CA, "labels": ca_labels},
+         "spec": {"ca": {"secretName": INTERNAL_CA}}},
+        *(leaf(name, labels(name), mtls_secret(name), mtls_dns_names(cfg, name), "server auth")
+          for name in cfg["services"]),
+        leaf("gateway", labels("gateway", "gateway"), GATEWAY_UPSTREAM_SECRET, ["gateway"], "client auth"),
+    ]
+
+
+def mtls_service_patch(name: str, svc: dict[str, Any]) -> dict[str, Any]:
+    """The service's Deployment (in prod the Rollout's workloadRef template: stable and canary pods) with its
+    certificate Secret mounted read-only, the TLS settings, and the gRPC probes on the plaintext health port."""
+    port = health_port(svc)
+    probe = lambda service: {"grpc": {"port": port, "service": service}}  # noqa: E731
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"template": {"spec": {
+                "containers": [{
+                    "name": name,
+                    "ports": [{"name": "health", "containerPort": port, "protocol": "TCP"}],
+                    "env": [{"name": k, "value": v} for k, v in mtls_env(svc).items()],
+                    "startupProbe": probe(""), "readinessProbe": probe(svc["grpc_service"]),
+                    "livenessProbe": probe(""),
+                    "volumeMounts": [{"name": "grpc-tls", "mountPath": MTLS_DIR, "readOnly": True}]}],
+                # A whole-directory mount (no subPath): the kubelet swaps renewed files in, the service re-reads them.
+                "volumes": [{"name": "grpc-tls", "secret": {"secretName": mtls_secret(name), "defaultMode": 0o440}}],
+            }}}}
+
+
+def mtls_gateway_patch() -> dict[str, Any]:
+    """The gateway's client certificate (and the internal CA) mounted read-only where its Envoy config reads it."""
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "gateway"},
+            "spec": {"template": {"spec": {
+                "containers": [{"name": "gateway", "volumeMounts": [
+                    {"name": "upstream-tls", "mountPath": GATEWAY_UPSTREAM_TLS_DIR, "readOnly": True}]}],
+                "volumes": [{"name": "upstream-tls",
+                             "secret": {"secretName": GATEWAY_UPSTREAM_SECRET, "defaultMode": 0o440}}],
+            }}}}
+
+
+MTLS_APP_PROTOCOL_PATCH = [{"op": "test", "path": "/spec/ports/0/name", "value": "grpc"},
+                           {"op": "replace", "path": "/spec/ports/0/appProtocol", "value": "https"}]
+"""JSON patch of a model service's Services: the gRPC port (the first) speaks HTTP/2 over TLS, no longer h2c."""
+
+
+def mtls_component(cfg: dict[str, Any]) -> dict[str, Any]:
+    """k8s/components/mtls/kustomization.yaml."""
+    # The services' gRPC ports serve TLS now, not h2c: say so on their Services (ClusterIP, stable, canary).
+    services = {"kind": "Service", "labelSelector": "app.kubernetes.io/component=model-service"}
+    return {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component", "namespace": cfg["namespace"],
+            "resources": ["certificates.yaml"],
+            "patches": [{"path": "services-patch.yaml"}, {"path": "gateway-patch.yaml"},
+                        {"path": "services-app-protocol.yaml", "target": services}],
+            # Over whatever gateway config the overlay has: the same values plus upstreams.tls.
+            "configMapGenerator": [{"name": "gateway-envoy", "behavior": "merge",
+                                    "files": ["envoy.yaml=gateway/envoy.yaml", "values.yaml=gateway/values.yaml"]}]}
 
 
 def argo_plugin_objects() -> list[dict[str, Any]]:
@@ -678,8 +811,21 @@ def outputs() -> dict[Path, str]:
     out[K8S / "overlays" / "prod" / "gateway" / "envoy.yaml"] = render.render("k8s", PROD_GATEWAY)
     out[K8S / "overlays" / "prod" / "gateway" / "values.yaml"] = HEADER.format(source="deploy/generate.py") + (
         "# The prod gateway's values over the k8s variant: envoy.yaml was rendered with them, and route-sync\n"
-        "# renders the routes file (canary.routes_file) with them too.\n") + yaml.safe_dump(PROD_GATEWAY,
-                                                                                         sort_keys=False)
+        "# renders the routes file (canary.routes_file) with them too. The mtls component (included by the\n"
+        "# prod overlay) replaces both files with its own: these values plus upstreams.tls.\n"
+    ) + yaml.safe_dump(PROD_GATEWAY, sort_keys=False)
+    mtls = K8S / "components" / "mtls"
+    out[mtls / "certificates.yaml"] = dump(mtls_certificates(cfg), src)
+    out[mtls / "services-patch.yaml"] = dump([mtls_service_patch(n, s) for n, s in services.items()], src)
+    out[mtls / "gateway-patch.yaml"] = dump(mtls_gateway_patch(), "deploy/generate.py")
+    out[mtls / "services-app-protocol.yaml"] = HEADER.format(source="deploy/generate.py") + yaml.safe_dump(
+        MTLS_APP_PROTOCOL_PATCH, sort_keys=False)
+    out[mtls / "gateway" / "envoy.yaml"] = render.render("k8s", PROD_MTLS_GATEWAY)
+    out[mtls / "gateway" / "values.yaml"] = HEADER.format(source="deploy/generate.py") + (
+        "# The prod gateway's values with mutual TLS to the services (the prod overlay's values.yaml plus\n"
+        "# upstreams.tls): envoy.yaml was rendered with them, and route-sync renders the routes file with them.\n"
+    ) + yaml.safe_dump(PROD_MTLS_GATEWAY, sort_keys=False)
+    out[mtls / "kustomization.yaml"] = dump(mtls_component(cfg), src)
     kserve_endpoints = {n: [f"{n}-predictor.{cfg['namespace']}.svc.cluster.local:80"] for n in names}
     out[K8S / "overlays" / "kserve" / "gateway" / "envoy.yaml"] = render.render(
         "k8s", {"canary": None, "upstreams": {"endpoints": kserve_endpoints, "host_rewrite": True}})

@@ -117,10 +117,11 @@ def test_prod_gateway_runs_route_sync_beside_envoy(rendered):
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
                                     "namespace": "mlplatform"}]
-    # The ConfigMap carries the values route-sync renders with; Envoy reads its routes from that file.
+    # The ConfigMap carries the values route-sync renders with; Envoy reads its routes from that file. (The
+    # prod overlay's values, with upstreams.tls from the mtls component the overlay includes.)
     cm = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
     data = by_kind(objects, "ConfigMap")[cm]["data"]
-    assert yaml.safe_load(data["values.yaml"]) == generate.PROD_GATEWAY
+    assert yaml.safe_load(data["values.yaml"]) == generate.PROD_MTLS_GATEWAY
     hcm = yaml.safe_load(data["envoy.yaml"])["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     assert hcm["typed_config"]["rds"]["config_source"]["path_config_source"]["path"] == generate.ROUTES_FILE
 
@@ -139,7 +140,7 @@ def test_the_gateway_serves_each_steps_weight(rendered, tmp_path):
     rollout = by_kind(objects, "Rollout")["fraud"]["spec"]["strategy"]["canary"]
     route = copy.deepcopy(by_kind(objects, "HTTPRoute")["fraud"])
     stable, canary = rollout["stableService"], rollout["canaryService"]
-    sync = routesync.RouteSync(lambda: {"fraud": route}, tmp_path / "routes.yaml", overrides=generate.PROD_GATEWAY)
+    sync = routesync.RouteSync(lambda: {"fraud": route}, tmp_path / "routes.yaml", overrides=generate.PROD_MTLS_GATEWAY)
     for i, state in enumerate(canary_plan.plan(STEPS, 4)):
         route = gateway_api.after_steps(route, stable, canary, STEPS[i:i + 1])
         sync.step()

@@ -15,7 +15,8 @@ from tests.deploy.conftest import run
 from tests.support.procs import ROOT
 
 SCHEMAS = ROOT / "tests" / "deploy" / "crd-schemas"
-CUSTOM = {"Rollout", "AnalysisTemplate", "HTTPRoute", "ScaledObject", "PodMonitor", "PrometheusRule", "Certificate"}
+CUSTOM = {"Rollout", "AnalysisTemplate", "HTTPRoute", "ScaledObject", "PodMonitor", "PrometheusRule", "Certificate",
+          "Issuer"}
 
 
 def validate(objects: list[dict]) -> tuple[int, str]:

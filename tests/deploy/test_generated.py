@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from deploy import generate
 from tests.support.procs import ROOT
 
 GATEWAY_CONFIGS = ["k8s/base/platform/gateway/envoy.yaml", "k8s/overlays/prod/gateway/envoy.yaml",
-                   "k8s/overlays/kserve/gateway/envoy.yaml"]
+                   "k8s/overlays/kserve/gateway/envoy.yaml", "k8s/components/mtls/gateway/envoy.yaml"]
 
 
 def test_committed_files_match_a_fresh_generation():
@@ -40,6 +41,10 @@ def test_check_mode_names_a_stale_file(tmp_path, monkeypatch, capsys):
 def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("gateway-files")
     tls.ensure_dev_tls(d)  # /etc/envoy/tls (the gateway-tls Secret) -> <files_dir>/tls
+    # /etc/envoy/upstream-tls (the gateway-upstream-tls Secret of the mtls component) -> <files_dir>/upstream-tls
+    client = tls.ensure_dev_mtls(d / "keys", list(render.load_services())).gateway
+    assert generate.GATEWAY_UPSTREAM_TLS_DIR == "/etc/envoy/upstream-tls"
+    shutil.copytree(client.directory, d / "upstream-tls")
     return prepare_files_dir(d, auth.ensure_dev_keys(d / "keys").jwks_path)
 
 

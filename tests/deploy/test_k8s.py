@@ -17,7 +17,7 @@ from tests.support.procs import ROOT
 BUILT_IN_GROUPS = ("v1", "apps/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2",
                    "rbac.authorization.k8s.io/v1")
 CUSTOM_KINDS = {"Rollout", "AnalysisTemplate", "ScaledObject", "PodMonitor", "PrometheusRule", "InferenceService",
-                "HTTPRoute", "Certificate"}
+                "HTTPRoute", "Certificate", "Issuer"}
 METRICS_SOURCE = (ROOT / "libs" / "src" / "mlplatform" / "metrics.py").read_text()
 
 
@@ -124,8 +124,10 @@ def test_model_services_probe_drain_and_stop_in_order(rendered, overlay, service
         c = pod["containers"][0]
         p = svc["env_prefix"]
         assert c["command"] == ["python", "-m", svc["module"]]
-        assert c["readinessProbe"]["grpc"] == {"port": svc["grpc_port"], "service": svc["grpc_service"]}
-        assert c["livenessProbe"]["grpc"]["port"] == c["startupProbe"]["grpc"]["port"] == svc["grpc_port"]
+        # prod: the gRPC port serves mutual TLS (components/mtls), the probes go to its plaintext health port
+        probe_port = generate.health_port(svc) if overlay == "prod" else svc["grpc_port"]
+        assert c["readinessProbe"]["grpc"] == {"port": probe_port, "service": svc["grpc_service"]}
+        assert c["livenessProbe"]["grpc"]["port"] == c["startupProbe"]["grpc"]["port"] == probe_port
         startup = c["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 180  # model load + warm-up
         env_cm = next(cm for n, cm in config_maps.items() if n.startswith(f"{name}-settings"))["data"]
@@ -177,7 +179,8 @@ def test_gateway_runs_the_rendered_config(rendered):
         assert hook[:4] == ["python", "-m", "mlplatform_gateway", "drain"]
         cm_name = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
         assert cm_name.startswith("gateway-envoy-")  # hashed: a config change rolls the gateway
-        source = {"dev": "base/platform", "prod": "overlays/prod", "kserve": "overlays/kserve"}[overlay]
+        # prod: the mtls component's config (the prod overlay's values plus upstreams.tls) replaces the overlay's
+        source = {"dev": "base/platform", "prod": "components/mtls", "kserve": "overlays/kserve"}[overlay]
         config = by_kind(objects, "ConfigMap")[cm_name]["data"]["envoy.yaml"]
         assert config == (ROOT / "k8s" / source / "gateway" / "envoy.yaml").read_text()
 
@@ -339,7 +342,8 @@ def test_gateway_serves_tls_from_the_gateway_tls_secret(rendered):
         assert envoy["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
         certs = by_kind(objects, "Certificate")
         if overlay == "prod":
-            (cert,) = certs.values()
+            # the others are the internal CA's (components/mtls, tests/deploy/test_mtls.py)
+            (cert,) = (c for c in certs.values() if c["spec"]["issuerRef"]["kind"] == "ClusterIssuer")
             assert cert["spec"]["secretName"] == "gateway-tls"
             assert "gateway.mlplatform.svc.cluster.local" in cert["spec"]["dnsNames"]
         else:

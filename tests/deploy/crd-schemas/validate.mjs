@@ -2,7 +2,7 @@
 // Input: a JSON list of objects on stdin. Output: one line per object; exit 1 when any is invalid or unknown.
 import { readFileSync } from "node:fs";
 import { AnalysisTemplate, Rollout } from "@kubernetes-models/argo-rollouts/argoproj.io/v1alpha1";
-import { Certificate } from "@kubernetes-models/cert-manager/cert-manager.io/v1";
+import { Certificate, Issuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1";
 import { HTTPRoute } from "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1";
 import { PodMonitor, PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
@@ -11,6 +11,7 @@ const models = {
   "argoproj.io/v1alpha1/AnalysisTemplate": AnalysisTemplate,
   "argoproj.io/v1alpha1/Rollout": Rollout,
   "cert-manager.io/v1/Certificate": Certificate,
+  "cert-manager.io/v1/Issuer": Issuer,
   "gateway.networking.k8s.io/v1/HTTPRoute": HTTPRoute,
   "keda.sh/v1alpha1/ScaledObject": ScaledObject,
   "monitoring.coreos.com/v1/PodMonitor": PodMonitor,
