@@ -23,6 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES_FILE = ROOT / "deploy" / "services.yaml"
 MODELS_DIR = ROOT / "models"
+HEALTH_PORT_OFFSET = 50
+"""With mutual TLS, a service's plaintext health-only port (`<PREFIX>HEALTH_PORT`: the kubelet's gRPC probes and
+the container HEALTHCHECK cannot present a client certificate) is its gRPC port + 50: fraud 50101, cnn 50102,
+sentiment 50103, generic 50104 (`MTLS=1 make run`: each slot's port + 50; Kubernetes: the mtls component)."""
 
 
 @dataclass(frozen=True)

@@ -377,9 +377,6 @@ def route_sync_objects(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 MTLS_DIR = "/etc/mlplatform/tls"
 """Where a model service's pod mounts its certificate Secret (tls.crt, tls.key, ca.crt = the internal CA)."""
-HEALTH_PORT_OFFSET = 50
-"""A service's plaintext health-only port (`<PREFIX>HEALTH_PORT`, for the kubelet's gRPC probes, which cannot do
-TLS) is its gRPC port + 50: fraud 50101, cnn 50102, sentiment 50103, generic 50104."""
 INTERNAL_CA = "mlplatform-internal-ca"
 """The internal CA: its Certificate, its Secret and the namespaced CA Issuer that signs from that Secret."""
 INTERNAL_CA_BOOTSTRAP = "mlplatform-internal-selfsigned"
@@ -393,7 +390,7 @@ CA_DURATION, CA_RENEW_BEFORE = "43800h", "8760h"
 
 
 def health_port(svc: dict[str, Any]) -> int:
-    return svc["grpc_port"] + HEALTH_PORT_OFFSET
+    return svc["grpc_port"] + catalog.HEALTH_PORT_OFFSET
 
 
 def mtls_secret(name: str) -> str:

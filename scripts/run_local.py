@@ -59,7 +59,7 @@ from observability import PrometheusServer, local_config  # noqa: E402
 from supervise import ControlError, ControlServer, StartError, Supervised, exit_reason  # noqa: E402
 
 from deploy import catalog  # noqa: E402  (the repository root holds the service list)
-from deploy.catalog import Service  # noqa: E402
+from deploy.catalog import HEALTH_PORT_OFFSET, Service  # noqa: E402
 
 SERVICES = catalog.services()
 """Every service of deploy/services.yaml, the one list."""
@@ -69,8 +69,6 @@ CONTROL_SOCKET = ROOT / ".run" / "supervisor.sock"
 SLOT_STRIDE = 100
 """Slot i of a service listens on its ports + SLOT_STRIDE·i."""
 SERVICE_START_TIMEOUT_S = 180.0
-HEALTH_PORT_OFFSET = 50
-"""With MTLS=1, a replica's plaintext health-only port is its gRPC port + HEALTH_PORT_OFFSET."""
 GATEWAY_ROUTES_TIMEOUT_S = 30.0
 """How long a rollout waits for the gateway to mark the new replica healthy."""
 DRAIN_TIMEOUT_S = 30.0
