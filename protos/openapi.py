@@ -33,7 +33,8 @@ ERRORS = {
     "404": "Unknown model, version or path",
     "413": "Request body over the gateway's limit",
     "429": "Rate limit of this API key exceeded, or the model's queue is full (Retry-After says when to retry)",
-    "503": "No healthy replica, or the model is not ready",
+    "503": ("No healthy replica, the model is not ready, or it failed on this request (not served: retry, "
+            "see Retry-After)"),
     "504": "The model did not answer within the deadline",
 }
 
