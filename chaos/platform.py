@@ -14,7 +14,6 @@ Everything binds 127.0.0.1, on ports picked free at start (never `make run`'s de
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from mlplatform_gateway import local as gateway
 
 from chaos.proxy import DelayProxy
 from mlplatform import faults
-from mlplatform.launch import RedisServer
+from mlplatform.launch import RedisServer, port_free
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -40,15 +39,6 @@ SERVICES = ("fraud", "cnn", "sentiment")
 traffic in the mix)."""
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def pick_ports(count: int, slots: int, stride: int = run_local.SLOT_STRIDE, start: int = 20000) -> list[int]:
     """`count` base ports, each free together with its `slots` - 1 slot ports (base + stride·i), none of them
     shared; searched upwards from `start` (below the ephemeral range)."""
@@ -57,7 +47,7 @@ def pick_ports(count: int, slots: int, stride: int = run_local.SLOT_STRIDE, star
     port = start
     while len(found) < count:
         ports = [port + stride * i for i in range(slots)]
-        if not taken.intersection(ports) and all(_free(p) for p in ports):
+        if not taken.intersection(ports) and all(port_free(p) for p in ports):
             found.append(port)
             taken.update(ports)
         port += 7

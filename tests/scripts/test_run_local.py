@@ -175,20 +175,20 @@ def test_mtls_run_puts_mutual_tls_between_the_gateway_and_the_services(model_rep
     from fraud.v1 import fraud_pb2_grpc as rpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    grpc_port = free_port()
-    while not _free(grpc_port + 50):  # the health port beside it
-        grpc_port = free_port()
-    env = {**os.environ, "FRAUD_GRPC_PORT": str(grpc_port), "FRAUD_METRICS_PORT": str(free_port()),
-           "GATEWAY_PORT": str(free_port()), "GATEWAY_ADMIN_PORT": str(free_port()), "PYTHONUNBUFFERED": "1",
-           "MTLS": "1", "RUN_CONTROL_SOCKET": str(tmp_path / "run.sock")}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--model-repository", str(model_repository),
-         "--redis-port", str(free_port()), "--services", "fraud"],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from deploy.catalog import HEALTH_PORT_OFFSET
+    from mlplatform.launch import port_free
+    from tests.scripts.stack import RunLocal
+
+    run = RunLocal(tmp_path, model_repository)
+    while not port_free(run.fraud_port + HEALTH_PORT_OFFSET):  # the health port beside it
+        run.fraud_port = free_port()
+    grpc_port, health_port = run.fraud_port, run.fraud_port + HEALTH_PORT_OFFSET
+    run.env.update({"FRAUD_GRPC_PORT": str(grpc_port), "MTLS": "1"})
+    run.start(timeout=180)
     try:
-        text = read_until_ready(proc, 180)
+        text = run.output
         assert "The platform is up" in text, text
-        assert "# mTLS (MTLS=1)" in text and f"127.0.0.1:{grpc_port + 50} grpc.health.v1.Health/Check" in text
+        assert "# mTLS (MTLS=1)" in text and f"127.0.0.1:{health_port} grpc.health.v1.Health/Check" in text
         call = re.search(r"  (curl -s http://\S+/api/v1/fraud .*?\}')\n", text, re.S)
         assert call, text
         done = subprocess.run(["bash", "-c", f"{curl_token(text)}\n{call.group(1)}"], capture_output=True, text=True,
@@ -198,21 +198,9 @@ def test_mtls_run_puts_mutual_tls_between_the_gateway_and_the_services(model_rep
             with pytest.raises(grpc.RpcError) as err:
                 rpc.FraudServiceStub(channel).Predict(pb.PredictRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port + 50}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    assert "stopped." in out
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+        run.stop()
+    assert "stopped." in run.output
