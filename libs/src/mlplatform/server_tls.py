@@ -33,7 +33,8 @@ class _Loaded:
 
 
 def _stamp(paths: list[Path]) -> tuple[int, ...]:
-    return tuple(v for p in paths for v in (p.stat().st_mtime_ns, p.stat().st_size))
+    stats = [p.stat() for p in paths]
+    return tuple(v for st in stats for v in (st.st_mtime_ns, st.st_size))
 
 
 def load_configuration(cert: Path, key: Path, client_ca: Path | None) -> _Loaded:
@@ -76,21 +77,21 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> 
              f", client certificates required (CA {client_ca})" if client_ca else "")
     lock = threading.Lock()
     paths = [cert, key, *([client_ca] if client_ca else [])]
-    failed_stamp: list[tuple[int, ...]] = []
+    failed_stamp: tuple[int, ...] | None = None
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        nonlocal current
+        nonlocal current, failed_stamp
         with lock:
             try:
                 stamp = _stamp(paths)
             except OSError:
                 return None  # mid-replacement: keep what is served
-            if stamp == current.stamp or failed_stamp[-1:] == [stamp]:
+            if stamp in (current.stamp, failed_stamp):
                 return None
             try:
                 loaded = load_configuration(cert, key, client_ca)
             except TlsFilesError as exc:
-                failed_stamp[:] = [stamp]  # one log line per change, not per connection
+                failed_stamp = stamp  # one log line per change, not per connection
                 log.warning("TLS: keeping the previous certificate: %s", exc)
                 return None
             current = loaded
