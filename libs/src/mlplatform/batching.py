@@ -282,17 +282,29 @@ class DynamicBatcher:
 
     async def calibrate(self, samples: list[Tensors], repeats: int = 3) -> None:
         """Time the runtime on `samples` (e.g. warm-up batches of 1 and max_batch_size rows) to seed the
-        service-time fit before the first request; the median of `repeats` calls per sample."""
+        service-time fit before the first request; the median of `repeats` calls per sample.
+
+        The admission prior takes the round trip through the worker thread (what a batch costs the
+        queue); the inline decision takes the runtime's own time, measured inside the thread, so a slow
+        thread wake-up on a busy machine cannot push a microsecond model off the event loop."""
         loop = asyncio.get_running_loop()
+        runtime_only = admission.ServiceTime()
+
+        def timed(inputs: Tensors, rows: int) -> float:
+            t0 = time.perf_counter()
+            self._run_checked(inputs, rows)
+            return time.perf_counter() - t0
+
         for inputs in samples:
             rows = _rows_of(inputs)
-            times = []
+            trips, runs = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                await loop.run_in_executor(self._executor, self._run_checked, inputs, rows)
-                times.append(time.perf_counter() - t0)
-            self.service_time.add_prior(rows, sorted(times)[len(times) // 2])
-        fixed, per_row = self.service_time.coefficients()
+                runs.append(await loop.run_in_executor(self._executor, timed, inputs, rows))
+                trips.append(time.perf_counter() - t0)
+            self.service_time.add_prior(rows, sorted(trips)[len(trips) // 2])
+            runtime_only.add_prior(rows, sorted(runs)[len(runs) // 2])
+        fixed, per_row = runtime_only.coefficients()
         self.inline_max_rows = 0
         if self.inline_below_s > 0 and fixed < self.inline_below_s:
             fits = int((self.inline_below_s - fixed) / per_row) if per_row > 0 else self.max_batch_size
