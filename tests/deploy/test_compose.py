@@ -66,7 +66,9 @@ def test_gateway_runs_the_local_envoy_command_after_every_service_is_healthy(com
     # whatever the host's core count
     assert gw["command"] == gateway_local.envoy_command(Path(mounted), concurrency=2, drain_time_s=5)[1:]
     assert gw["stop_grace_period"] == "30s"
-    assert f"./build/gateway/envoy-compose.yaml:{mounted}:ro" in gw["volumes"]
+    # The config's directory: envoy.yaml and the SDS files that name the certificates (secrets_dir).
+    assert f"./build/gateway/compose:{Path(mounted).parent}:ro" in gw["volumes"]
+    assert render.load_values("compose")["secrets_dir"] == str(Path(mounted).parent)
     # TLS by default: the dev certificate where the compose variant reads it.
     tls_dir = render.load_values("compose")["tls"]
     assert tls_dir["enabled"] is True and f"./.dev/gateway/tls:{tls_dir['dir']}:ro" in gw["volumes"]

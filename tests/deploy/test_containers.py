@@ -65,12 +65,15 @@ def test_gateway_image_runs_non_root_and_answers_ready(refs, tmp_path):
     c.require_image(refs["gateway"])
     auth.ensure_dev_keys(tmp_path / "keys")
     certs = tls.ensure_dev_tls(tmp_path / "keys")
-    (tmp_path / "envoy.yaml").write_text(render.render("compose", {"files_dir": "/etc/envoy"}))
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "envoy.yaml").write_text(render.render("compose", {"files_dir": "/etc/envoy"}))
+    render.write_secrets("compose", {"files_dir": "/etc/envoy"}, config)  # the SDS files, beside it
     container, port = f"mlplatform-test-{os.getpid()}-gateway", free_port()
     try:
         c.podman("run", "--detach", "--name", container, "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
                  "--security-opt", "no-new-privileges", "--init",
-                 "--volume", f"{tmp_path / 'envoy.yaml'}:/etc/envoy/config/envoy.yaml:ro",
+                 "--volume", f"{config}:/etc/envoy/config:ro",
                  "--volume", f"{tmp_path / 'keys' / 'jwks.json'}:/etc/envoy/jwks.json:ro",
                  "--volume", f"{certs.directory}:/etc/envoy/tls:ro",
                  "--publish", f"127.0.0.1:{port}:8080", refs["gateway"])
@@ -153,7 +156,7 @@ def stack(refs, services, tmp_path_factory) -> Iterator[tuple[Compose, dict[str,
     for name in names:
         c.require_image(refs[name])
     # make compose-config: the dev JWKS and the gateway's compose config, which the stack mounts.
-    render = ["render", "--variant", "compose", "--validate", "--out", "build/gateway/envoy-compose.yaml"]
+    render = ["render", "--variant", "compose", "--validate", "--out", "build/gateway/compose/envoy.yaml"]
     for cmd in (["keys"], render):
         subprocess.run([sys.executable, "-m", "mlplatform_gateway", *cmd], check=True, cwd=ROOT, timeout=120,
                        capture_output=True)

@@ -63,6 +63,11 @@ def test_committed_gateway_configs_are_accepted_by_envoy(relpath, files_dir, tmp
         assert yaml.safe_load(routes.read_text())["resources"][0]["name"] == "gateway"
         text = text.replace(f'"{generate.ROUTES_FILE}"', f'"{routes}"').replace(
             f'"{Path(generate.ROUTES_FILE).parent}"', f'"{routes.parent}"')
+    # The SDS files beside it in the ConfigMap (the base's listener certificate, the mtls component's client
+    # certificate and CA), with their paths pointed at the same local copies.
+    (files_dir / "config").mkdir(exist_ok=True)
+    for sds in ROOT.glob("k8s/**/gateway/sds-*.yaml"):
+        (files_dir / "config" / sds.name).write_text(sds.read_text().replace(" /etc/envoy/", f" {files_dir}/"))
     path = tmp_path / "envoy.yaml"
     path.write_text(text)
     render.validate(path)

@@ -36,12 +36,32 @@ def certificate_for_secret(objects: list[dict], secret: str) -> dict:
     return certs[0]
 
 
-def gateway_config(objects: list[dict]) -> tuple[dict, dict]:
-    """(the Envoy config, the values) of the ConfigMap the gateway pod mounts."""
+def gateway_config_map(objects: list[dict]) -> dict[str, str]:
+    """The data of the ConfigMap the gateway pod mounts."""
     pod, _ = container(objects, "gateway")
     cm_name = next(v for v in pod["volumes"] if v["name"] == "config")["configMap"]["name"]
-    data = by_kind(objects, "ConfigMap")[cm_name]["data"]
+    return by_kind(objects, "ConfigMap")[cm_name]["data"]
+
+
+def gateway_config(objects: list[dict]) -> tuple[dict, dict]:
+    """(the Envoy config, the values) of the ConfigMap the gateway pod mounts."""
+    data = gateway_config_map(objects)
     return yaml.safe_load(data["envoy.yaml"]), yaml.safe_load(data.get("values.yaml") or "{}")
+
+
+def sds_secret(objects: list[dict], ref: dict) -> dict:
+    """The Secret an SDS reference of the gateway's config names, read from the file the pod has at its path:
+    it must be in the mounted ConfigMap (mounted at the config's directory) and hold exactly that secret."""
+    _, c = container(objects, "gateway")
+    path = ref["sds_config"]["path_config_source"]["path"]
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
+    assert posixpath.dirname(path) == mount["mountPath"] and "subPath" not in mount, (path, mount)
+    data = gateway_config_map(objects)
+    assert posixpath.basename(path) in data, f"{path} is not in the gateway's ConfigMap ({sorted(data)})"
+    [secret] = yaml.safe_load(data[posixpath.basename(path)])["resources"]
+    assert secret["@type"] == "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    assert secret["name"] == ref["name"]
+    return secret
 
 
 def service_clusters(config: dict, name: str, namespace: str) -> list[dict]:
@@ -164,11 +184,17 @@ def test_every_service_cluster_verifies_the_internal_ca_and_the_service_name(pro
             assert tls.get("@type") == UPSTREAM_TLS, f"{cluster['name']}: {socket}"
             assert tls["sni"] == name
             context = tls["common_tls_context"]
-            assert context["tls_certificates"] == [{"certificate_chain": {"filename": f"{tls_dir}/tls.crt"},
-                                                    "private_key": {"filename": f"{tls_dir}/tls.key"}}]
-            validation = context["validation_context"]
-            assert validation["trusted_ca"] == {"filename": f"{tls_dir}/ca.crt"}
-            assert validation["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": name}}]
+            # Both through SDS files: a renewed client certificate or CA is taken without a restart (the Secret
+            # volume's directory is watched).
+            [cert_ref] = context["tls_certificate_sds_secret_configs"]
+            assert sds_secret(prod, cert_ref)["tls_certificate"] == {
+                "certificate_chain": {"filename": f"{tls_dir}/tls.crt"},
+                "private_key": {"filename": f"{tls_dir}/tls.key"}, "watched_directory": {"path": tls_dir}}
+            combined = context["combined_validation_context"]
+            ca = sds_secret(prod, combined["validation_context_sds_secret_config"])["validation_context"]
+            assert ca == {"trusted_ca": {"filename": f"{tls_dir}/ca.crt"}, "watched_directory": {"path": tls_dir}}
+            assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
+                {"san_type": "DNS", "matcher": {"exact": name}}]
 
 
 def test_the_grpc_ports_say_tls_and_nothing_more_is_opened(prod, rendered, services):
@@ -211,3 +237,22 @@ def test_other_overlays_have_none_of_it(rendered, overlay, services):
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] in services or cluster["name"].endswith("_canary_pods"):
             assert "transport_socket" not in cluster, f"{overlay} {cluster['name']}"
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod", "kserve"])
+def test_the_listener_certificate_comes_through_sds_from_the_mounted_secret(rendered, overlay):
+    """Every overlay's gateway: its TLS listener names the gateway-tls Secret's files through an SDS file its
+    ConfigMap carries, watching the Secret volume's directory (a renewal swaps the volume's `..data` link)."""
+    objects = rendered[overlay][1]
+    config, _ = gateway_config(objects)
+    listener = next(x for x in config["static_resources"]["listeners"] if x["name"] == "gateway")
+    chain = next(fc for fc in listener["filter_chains"] if fc.get("transport_socket"))
+    context = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    assert "tls_certificates" not in context
+    [ref] = context["tls_certificate_sds_secret_configs"]
+    pod, c = container(objects, "gateway")
+    mount, secret = mounted_secret(pod, c, "/etc/envoy/tls")
+    assert secret == "gateway-tls" and "subPath" not in mount
+    assert sds_secret(objects, ref)["tls_certificate"] == {
+        "certificate_chain": {"filename": "/etc/envoy/tls/tls.crt"},
+        "private_key": {"filename": "/etc/envoy/tls/tls.key"}, "watched_directory": {"path": "/etc/envoy/tls"}}

@@ -40,7 +40,10 @@ def test_every_variant_is_accepted_by_envoy(variant, files_dir, tmp_path):
     """`envoy --mode validate` on each rendered variant; containers' /etc/envoy is pointed at local copies."""
     path = tmp_path / f"envoy-{variant}.yaml"
     certs = tls.ensure_dev_tls(tmp_path)  # compose / k8s read theirs from a mount / Secret
-    path.write_text(render.render(variant, {"files_dir": str(files_dir), "tls": {"dir": str(certs.directory)}}))
+    overrides = {"files_dir": str(files_dir), "tls": {"dir": str(certs.directory)}, "secrets_dir": str(tmp_path)}
+    path.write_text(render.render(variant, overrides))
+    written = render.write_secrets(variant, overrides)  # the listener's certificate, through SDS (TLS: compose, k8s)
+    assert [p.name for p in written] == ([] if variant == "local" else ["sds-listener-certificate.yaml"])
     render.validate(path)
 
 

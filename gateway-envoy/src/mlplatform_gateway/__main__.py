@@ -85,6 +85,9 @@ def cmd_render(args: argparse.Namespace) -> int:
                 mtls = tls.ensure_dev_mtls(Path(tmp), list(render.load_services()))
                 check_overrides["upstreams"] = {**check_overrides.get("upstreams", {}),
                                                 "tls": {**upstream_tls, "dir": str(mtls.gateway.directory)}}
+            if render.render_secrets(args.variant, check_overrides):
+                check_overrides["secrets_dir"] = tmp
+                render.write_secrets(args.variant, check_overrides)
             text_for_check = render.render(args.variant, check_overrides) if check_overrides != overrides else text
             path = Path(tmp) / "envoy.yaml"
             path.write_text(text_for_check)
@@ -93,7 +96,18 @@ def cmd_render(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-    else:
+    # The SDS files the TLS contexts name: locally where the config says (secrets_dir); for a container, beside
+    # the written config (its directory is the config mount: secrets_dir in the container).
+    secrets_into = None if args.variant == "local" else args.out.parent if args.out else None
+    if render.render_secrets(args.variant, overrides):
+        if args.variant == "local" or secrets_into is not None:
+            for written in render.write_secrets(args.variant, overrides, secrets_into):
+                print(f"SDS file: {written}", file=sys.stderr)
+        else:
+            names = ", ".join(render.render_secrets(args.variant, overrides))
+            print(f"the config names SDS files ({names}): render with --out to write them beside it",
+                  file=sys.stderr)
+    if not args.out:
         sys.stdout.write(text)
     return 0
 

@@ -62,8 +62,11 @@ def local_overrides(files_dir: Path, port: int, admin_port: int, endpoints: dict
 
 def render_local(files_dir: Path, port: int, admin_port: int, endpoints: dict[str, list[str]],
                  access_log: Path, overrides: dict[str, Any] | None = None) -> str:
-    """The local variant on the given ports, in front of `endpoints` (service -> `host:port` replicas)."""
-    return render.render("local", local_overrides(files_dir, port, admin_port, endpoints, access_log, overrides))
+    """The local variant on the given ports, in front of `endpoints` (service -> `host:port` replicas). The SDS
+    files its TLS certificates come through (`render.write_secrets`, none without TLS) are written to files_dir."""
+    values = local_overrides(files_dir, port, admin_port, endpoints, access_log, overrides)
+    render.write_secrets("local", values)
+    return render.render("local", values)
 
 
 def envoy_command(config_path: Path, log_flush_ms: int = 1000, concurrency: int | None = None,
@@ -278,7 +281,9 @@ class GatewayProcess:
                                self.overrides)
 
     def render(self) -> str:
+        """The config text; descriptors, JWKS and the SDS files are put in the workdir first."""
         prepare_files_dir(self.workdir, self.jwks_path)
+        render.write_secrets("local", self.values)
         return render.render("local", self.values)
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:

@@ -209,17 +209,85 @@ def _render(values: dict[str, Any], routes_only: bool = False, origin: str = "")
     if canary and not (canary.get("header") and canary.get("claim")):
         raise GatewayConfigError("canary needs `header` (the canary route's header) and `claim` (the token claim "
                                  "that alone sets it; clients' own header is dropped)")
-    tls = values.get("tls") or {"enabled": False}
-    if tls.get("enabled") and tls.get("plain_http") not in ("redirect", "off"):
-        raise GatewayConfigError(f"tls.plain_http must be redirect or off, got {tls.get('plain_http')!r}")
-    tls_dir = tls.get("dir") or f"{values['files_dir']}/tls"
+    tls, upstream_tls, secrets = _tls(values)
+    sds = {name: f"{_secrets_dir(values)}/{sds_file(name)}" for name in secrets}
     context = {**values, "services": _service_entries(values), "tracing": _tracing(values), "auth": _auth(values),
-               "tls": tls, "tls_dir": tls_dir, "upstream_tls": _upstream_tls(values)}
+               "tls": tls, "upstream_tls": upstream_tls, "sds": sds}
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     text = env.from_string(_package_text("envoy.yaml.j2")).render(
         **context, routes_only=routes_only, routes_origin=f" ({origin})" if origin else "")
     yaml.safe_load(text)  # a template mistake fails here, with a line number, before Envoy sees it
     return text
+
+
+LISTENER_SECRET = "listener_certificate"
+UPSTREAM_CLIENT_SECRET = "upstream_client_certificate"
+UPSTREAM_CA_SECRET = "upstream_ca"
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def sds_file(secret: str) -> str:
+    """The SDS file of one secret (Envoy's file-based SDS takes one resource per file)."""
+    return f"sds-{secret.replace('_', '-')}.yaml"
+
+
+def render_secrets(variant: str = "local", overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """The SDS files the config names (file name -> YAML), one per TLS secret; none without TLS.
+
+    Each names its certificate files and watches their directory: a certificate renewed by moving files in
+    (a Kubernetes Secret volume swaps a `..data` link; locally, rename the new files over the old) is
+    loaded by Envoy within a second, without a restart. A half-replaced pair (a key that does not match
+    its certificate) is refused and the previous one kept (`sds.<name>.key_rotation_failed`)."""
+    values = load_values(variant, overrides)
+    if not values.get("files_dir"):
+        raise GatewayConfigError("files_dir is not set: the directory holding descriptors.pb (and jwks.json)")
+    secrets = _tls(values)[2]
+    header = "# One TLS secret for the gateway's Envoy (file-based SDS); rendered by mlplatform_gateway.\n"
+    return {sds_file(name): header + yaml.safe_dump({"resources": [{"@type": SECRET_TYPE, "name": name, **secret}]},
+                                           sort_keys=False) for name, secret in secrets.items()}
+
+
+def write_secrets(variant: str = "local", overrides: dict[str, Any] | None = None,
+                  directory: Path | None = None) -> list[Path]:
+    """Write `render_secrets` into `directory` (default: the config's secrets_dir), each file replaced in one
+    rename; the paths written."""
+    files = render_secrets(variant, overrides)
+    target = directory or Path(_secrets_dir(load_values(variant, overrides)))
+    written = []
+    for name, text in files.items():
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, target / name)
+        written.append(target / name)
+    return written
+
+
+def _secrets_dir(values: dict[str, Any]) -> str:
+    return str(values.get("secrets_dir") or values["files_dir"])
+
+
+def _certificate(directory: str) -> dict[str, Any]:
+    return {"tls_certificate": {"certificate_chain": {"filename": f"{directory}/tls.crt"},
+                                "private_key": {"filename": f"{directory}/tls.key"},
+                                "watched_directory": {"path": directory}}}
+
+
+def _tls(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """(listener tls, upstream tls, the SDS secrets they name: secret name -> Secret fields)."""
+    tls = values.get("tls") or {"enabled": False}
+    secrets: dict[str, dict[str, Any]] = {}
+    if tls.get("enabled"):
+        if tls.get("plain_http") not in ("redirect", "off"):
+            raise GatewayConfigError(f"tls.plain_http must be redirect or off, got {tls.get('plain_http')!r}")
+        secrets[LISTENER_SECRET] = _certificate(str(tls.get("dir") or f"{values['files_dir']}/tls"))
+    upstream_tls = _upstream_tls(values)
+    if upstream_tls["enabled"]:
+        directory = upstream_tls["dir"]
+        secrets[UPSTREAM_CLIENT_SECRET] = _certificate(directory)
+        secrets[UPSTREAM_CA_SECRET] = {"validation_context": {"trusted_ca": {"filename": f"{directory}/ca.crt"},
+                                                              "watched_directory": {"path": directory}}}
+    return tls, upstream_tls, secrets
 
 
 def _upstream_tls(values: dict[str, Any]) -> dict[str, Any]:

@@ -52,7 +52,8 @@ class TlsFiles:
         return self.directory / KEY_FILE
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -67,9 +68,9 @@ def ensure_dev_tls(key_dir: Path) -> TlsFiles:
     files = TlsFiles(key_dir / TLS_DIR)
     if files.ca.exists() and files.cert.exists() and files.key.exists():
         return files
-    ca_key, ca_cert = _new_ca("mlplatform dev CA")
+    ca_key, ca_cert = new_ca("mlplatform dev CA")
     sans = [*(x509.DNSName(n) for n in DNS_NAMES), *(x509.IPAddress(ipaddress.ip_address(a)) for a in IP_ADDRESSES)]
-    key, cert = _new_leaf(ca_key, ca_cert, "gateway", sans, ExtendedKeyUsageOID.SERVER_AUTH)
+    key, cert = new_leaf(ca_key, ca_cert, "gateway", sans, ExtendedKeyUsageOID.SERVER_AUTH)
     _write(files, key, cert, ca_cert)
     return files
 
@@ -98,18 +99,19 @@ def ensure_dev_mtls(key_dir: Path, services: list[str]) -> DevMtls:
             x509.load_pem_x509_certificate(material.services.cert.read_bytes()).extensions
             .get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)):
         return material
-    ca_key, ca_cert = _new_ca("mlplatform dev internal CA")
-    key, cert = _new_leaf(ca_key, ca_cert, "gateway", [x509.DNSName("gateway")], ExtendedKeyUsageOID.CLIENT_AUTH)
+    ca_key, ca_cert = new_ca("mlplatform dev internal CA")
+    key, cert = new_leaf(ca_key, ca_cert, "gateway", [x509.DNSName("gateway")], ExtendedKeyUsageOID.CLIENT_AUTH)
     _write(material.gateway, key, cert, ca_cert)
     names = [n for svc in services for n in (svc, f"{svc}.mlplatform.svc", f"{svc}.mlplatform.svc.cluster.local")]
     sans = [*(x509.DNSName(n) for n in (*names, "localhost")),
             *(x509.IPAddress(ipaddress.ip_address(a)) for a in IP_ADDRESSES)]
-    key, cert = _new_leaf(ca_key, ca_cert, "mlplatform services", sans, ExtendedKeyUsageOID.SERVER_AUTH)
+    key, cert = new_leaf(ca_key, ca_cert, "mlplatform services", sans, ExtendedKeyUsageOID.SERVER_AUTH)
     _write(material.services, key, cert, ca_cert)
     return material
 
 
-def _new_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def new_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA (P-256, VALID_DAYS): (key, certificate)."""
     now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name(common_name)
@@ -125,9 +127,10 @@ def _new_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certific
     return ca_key, ca_cert
 
 
-def _new_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str,
+def new_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str,
               sans: list[x509.GeneralName], usage: x509.ObjectIdentifier,
               ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A certificate for `sans` with extended key usage `usage`, signed by the CA: (key, certificate)."""
     now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
@@ -142,7 +145,7 @@ def _new_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, com
 
 def _write(files: TlsFiles, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, ca: x509.Certificate) -> None:
     files.directory.mkdir(parents=True, exist_ok=True)
-    for path, data in ((files.key, _pem_key(key)), (files.cert, cert.public_bytes(serialization.Encoding.PEM)),
+    for path, data in ((files.key, pem_key(key)), (files.cert, cert.public_bytes(serialization.Encoding.PEM)),
                        (files.ca, ca.public_bytes(serialization.Encoding.PEM))):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(data)
