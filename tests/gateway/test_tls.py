@@ -125,7 +125,7 @@ def test_a_renewed_certificate_is_served_without_a_restart_or_a_failed_request(f
     """The listener's certificate through SDS: the Secret volume swaps to a renewed certificate (same CA, a new
     key) under steady HTTPS traffic, one new connection per request. New connections get the new one within a
     second, with no request failed and no Envoy restart; a connection opened before keeps working on the old
-    one; admin /certs and the SDS stats follow."""
+    one; admin /certs and the SDS stats follow. A renewal with a mismatched key is refused and counted."""
     ca_key, ca = tls.new_ca("renewal test CA")
     sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     old, new = (tls.new_leaf(ca_key, ca, "gateway", sans, ExtendedKeyUsageOID.SERVER_AUTH) for _ in range(2))
@@ -196,6 +196,16 @@ def test_a_renewed_certificate_is_served_without_a_restart_or_a_failed_request(f
         assert serial(new) in chains and serial(old) not in chains
         stats = dict(line.split(": ", 1) for line in gw.admin("/stats?filter=^sds\\.").splitlines())
         assert stats["sds.listener_certificate.key_rotation_failed"] == "0"
+        # A renewal whose key does not match its certificate is refused: the previous pair stays served, and the
+        # counter the GatewayCertificateReloadFailed alert watches (monitoring/alerts.yaml) counts it.
+        broken = files(tls.new_leaf(ca_key, ca, "gateway", sans, ExtendedKeyUsageOID.SERVER_AUTH))
+        volume.write({**broken, tls.KEY_FILE: files(new)[tls.KEY_FILE]})
+        metric = 'envoy_sds_key_rotation_failed{envoy_xds_resource_name="listener_certificate"} 1'
+        deadline = time.monotonic() + 5
+        while metric not in gw.admin("/stats/prometheus"):
+            assert time.monotonic() < deadline, "the refused renewal was not counted within 5 s"
+            time.sleep(0.05)
+        assert presented_serial(gw.port, context) == serial(new)
     finally:
         stop.set()
         gw.stop()
