@@ -51,3 +51,9 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     except grpc.RpcError as err:
         return err
     raise AssertionError("the call succeeded; an error was expected")
+
+
+def held_certificate_serials(gateway) -> set[int]:
+    """The serial numbers of the certificates (listener's and client's) Envoy holds now, from admin /certs."""
+    held = json.loads(gateway.admin("/certs"))["certificates"]
+    return {int(c["serial_number"], 16) for entry in held for c in entry.get("cert_chain", [])}

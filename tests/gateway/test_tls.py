@@ -23,7 +23,7 @@ from fraud.v1 import fraud_pb2_grpc as rpc
 from mlplatform_gateway import tls
 
 from tests.fraud.helpers import tx
-from tests.gateway.helpers import bearer
+from tests.gateway.helpers import bearer, held_certificate_serials
 from tests.support.procs import GatewayProcess
 from tests.support.secret_volume import SecretVolume
 
@@ -191,9 +191,8 @@ def test_a_renewed_certificate_is_served_without_a_restart_or_a_failed_request(f
         assert x509.load_der_x509_certificate(kept.sock.getpeercert(binary_form=True)).serial_number == serial(old)
         kept.close()
         assert gw.proc.pid == pid and gw.proc.poll() is None
-        served = json.loads(gw.admin("/certs"))["certificates"]
-        chains = [int(c["serial_number"], 16) for entry in served for c in entry.get("cert_chain", [])]
-        assert serial(new) in chains and serial(old) not in chains
+        held = held_certificate_serials(gw)
+        assert serial(new) in held and serial(old) not in held
         stats = dict(line.split(": ", 1) for line in gw.admin("/stats?filter=^sds\\.").splitlines())
         assert stats["sds.listener_certificate.key_rotation_failed"] == "0"
         # A renewal whose key does not match its certificate is refused: the previous pair stays served, and the

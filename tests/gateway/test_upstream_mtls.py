@@ -6,7 +6,6 @@ swap) are taken without restarting Envoy."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -18,7 +17,7 @@ from mlplatform_gateway import tls
 from mlplatform_gateway.local import host_statuses
 
 from tests.fraud.helpers import tx
-from tests.gateway.helpers import bearer, post
+from tests.gateway.helpers import bearer, held_certificate_serials, post
 from tests.support.mtls import mtls_fraud
 from tests.support.procs import GatewayProcess
 from tests.support.secret_volume import SecretVolume
@@ -120,7 +119,8 @@ def test_a_new_internal_ca_and_client_certificate_are_taken_without_a_restart(mo
         assert predict("before") == 200
         volume.write_dir(second.gateway.directory, names)
         deadline = time.monotonic() + 5
-        while not _serves(gw, second.gateway):
+        new_client = x509.load_pem_x509_certificate(second.gateway.cert.read_bytes()).serial_number
+        while new_client not in held_certificate_serials(gw):
             assert time.monotonic() < deadline, "the new client certificate was not loaded within 5 s"
             time.sleep(0.05)
         # From here calls may fail until the service moves to the new CA too: a connection Envoy opens now shows
@@ -141,10 +141,3 @@ def test_a_new_internal_ca_and_client_certificate_are_taken_without_a_restart(mo
         for svc in (service, replacement):
             if svc is not None:
                 svc.stop()
-
-
-def _serves(gw: GatewayProcess, client: tls.TlsFiles) -> bool:
-    """Whether Envoy's admin /certs lists `client`'s certificate (by serial number) among those it holds."""
-    want = x509.load_pem_x509_certificate(client.cert.read_bytes()).serial_number
-    held = json.loads(gw.admin("/certs"))["certificates"]
-    return want in {int(c["serial_number"], 16) for entry in held for c in entry.get("cert_chain", [])}

@@ -98,15 +98,14 @@ def cmd_render(args: argparse.Namespace) -> int:
         args.out.write_text(text)
     # The SDS files the TLS contexts name: locally where the config says (secrets_dir); for a container, beside
     # the written config (its directory is the config mount: secrets_dir in the container).
-    secrets_into = None if args.variant == "local" else args.out.parent if args.out else None
-    if render.render_secrets(args.variant, overrides):
-        if args.variant == "local" or secrets_into is not None:
-            for written in render.write_secrets(args.variant, overrides, secrets_into):
-                print(f"SDS file: {written}", file=sys.stderr)
-        else:
-            names = ", ".join(render.render_secrets(args.variant, overrides))
-            print(f"the config names SDS files ({names}): render with --out to write them beside it",
-                  file=sys.stderr)
+    secrets = render.render_secrets(args.variant, overrides)
+    if secrets and (args.variant == "local" or args.out):
+        into = None if args.variant == "local" else args.out.parent
+        for written in render.write_secrets(args.variant, overrides, into):
+            print(f"SDS file: {written}", file=sys.stderr)
+    elif secrets:
+        print(f"the config names SDS files ({', '.join(secrets)}): render with --out to write them beside it",
+              file=sys.stderr)
     if not args.out:
         sys.stdout.write(text)
     return 0

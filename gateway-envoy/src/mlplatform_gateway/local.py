@@ -283,8 +283,8 @@ class GatewayProcess:
     def render(self) -> str:
         """The config text; descriptors, JWKS and the SDS files are put in the workdir first."""
         prepare_files_dir(self.workdir, self.jwks_path)
-        render.write_secrets("local", self.values)
-        return render.render("local", self.values)
+        return render_local(self.workdir, self.port, self.admin_port, self.endpoints, self.access_log_path,
+                            self.overrides)
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.config_path.write_text(self.render())

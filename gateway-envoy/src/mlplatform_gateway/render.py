@@ -187,9 +187,13 @@ def render_routes(variant: str = "local", overrides: dict[str, Any] | None = Non
     return _render(load_values(variant, overrides), routes_only=True, origin=origin)
 
 
-def _render(values: dict[str, Any], routes_only: bool = False, origin: str = "") -> str:
+def _require_files_dir(values: dict[str, Any]) -> None:
     if not values.get("files_dir"):
         raise GatewayConfigError("files_dir is not set: the directory holding descriptors.pb (and jwks.json)")
+
+
+def _render(values: dict[str, Any], routes_only: bool = False, origin: str = "") -> str:
+    _require_files_dir(values)
     rate_limit = values["rate_limit"]
     if rate_limit.get("share_across_gateway_replicas") and not rate_limit.get("gateway_peers"):
         raise GatewayConfigError("rate_limit.share_across_gateway_replicas needs rate_limit.gateway_peers")
@@ -238,29 +242,32 @@ def render_secrets(variant: str = "local", overrides: dict[str, Any] | None = No
     (a Kubernetes Secret volume swaps a `..data` link; locally, rename the new files over the old) is
     loaded by Envoy within a second, without a restart. A half-replaced pair (a key that does not match
     its certificate) is refused and the previous one kept (`sds.<name>.key_rotation_failed`)."""
-    values = load_values(variant, overrides)
-    if not values.get("files_dir"):
-        raise GatewayConfigError("files_dir is not set: the directory holding descriptors.pb (and jwks.json)")
-    secrets = _tls(values)[2]
-    header = "# One TLS secret for the gateway's Envoy (file-based SDS); rendered by mlplatform_gateway.\n"
-    return {sds_file(name): header + yaml.safe_dump({"resources": [{"@type": SECRET_TYPE, "name": name, **secret}]},
-                                           sort_keys=False) for name, secret in secrets.items()}
+    return _secret_files(load_values(variant, overrides))
 
 
 def write_secrets(variant: str = "local", overrides: dict[str, Any] | None = None,
                   directory: Path | None = None) -> list[Path]:
     """Write `render_secrets` into `directory` (default: the config's secrets_dir), each file replaced in one
     rename; the paths written."""
-    files = render_secrets(variant, overrides)
-    target = directory or Path(_secrets_dir(load_values(variant, overrides)))
+    values = load_values(variant, overrides)
+    files = _secret_files(values)
+    target = directory or Path(_secrets_dir(values))
+    if files:
+        target.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in files.items():
-        target.mkdir(parents=True, exist_ok=True)
         tmp = target / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, target / name)
         written.append(target / name)
     return written
+
+
+def _secret_files(values: dict[str, Any]) -> dict[str, str]:
+    _require_files_dir(values)
+    header = "# One TLS secret for the gateway's Envoy (file-based SDS); rendered by mlplatform_gateway.\n"
+    return {sds_file(name): header + yaml.safe_dump({"resources": [{"@type": SECRET_TYPE, "name": name, **secret}]},
+                                                    sort_keys=False) for name, secret in _tls(values)[2].items()}
 
 
 def _secrets_dir(values: dict[str, Any]) -> str:

@@ -128,8 +128,8 @@ def new_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifica
 
 
 def new_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str,
-              sans: list[x509.GeneralName], usage: x509.ObjectIdentifier,
-              ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+             sans: list[x509.GeneralName], usage: x509.ObjectIdentifier,
+             ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A certificate for `sans` with extended key usage `usage`, signed by the CA: (key, certificate)."""
     now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     key = ec.generate_private_key(ec.SECP256R1())
